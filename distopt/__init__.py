@@ -1,0 +1,16 @@
+"""distopt: ZeRO-style sharded optimizers for data-parallel MLX training.
+
+Change one line of an MLX training loop::
+
+    group = distopt.init()
+    optimizer = distopt.Adamax(learning_rate=1e-3)   # was mlx.optimizers.Adamax
+    optimizer.update(model, grads)                     # local grads: averaged over ranks here
+"""
+
+from .group import DistoptError, init
+from .optimizers import SGD, Adagrad, Adamax
+from .sharded import ShardedOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax"]

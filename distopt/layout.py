@@ -1,0 +1,186 @@
+"""Parameter tree <-> flat per-dtype buffers, split into buckets and rank shards.
+
+All leaves of one dtype are laid end to end, in ``tree_flatten`` order, in one flat
+buffer of ``size`` elements, padded with zeros to ``padded_size`` (a multiple of the
+world size N: padding only at the end). The buffer is cut into buckets of about
+``bucket_elems`` elements (a multiple of N, so only the last bucket holds padding),
+and every bucket is split into N parts, one per rank: rank r owns part r of every
+bucket. Its *shard* is those parts laid end to end; with equal weights every shard
+has ``padded_size / N`` elements.
+
+A bucket is reduced and gathered on its own, which bounds the extra memory of a
+step to about one bucket and lets one bucket's communication overlap the next.
+"""
+
+import bisect
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+DEFAULT_BUCKET_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One parameter inside a flat buffer: ``flat[offset : offset + size]``."""
+
+    path: str
+    shape: tuple
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """``flat[start : stop]``, split into per-rank parts of ``counts[r]`` elements."""
+
+    start: int
+    stop: int
+    counts: tuple
+
+    def part(self, rank):
+        """(lo, hi) of rank's part, as absolute positions in the flat buffer."""
+        lo = self.start + sum(self.counts[:rank])
+        return lo, lo + self.counts[rank]
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """The flat buffer of one dtype: its entries, padding and buckets."""
+
+    dtype: mx.Dtype
+    entries: tuple
+    size: int
+    padded_size: int
+    buckets: tuple
+
+    @property
+    def name(self):
+        return dtype_name(self.dtype)
+
+    def shard_size(self, rank):
+        return sum(b.counts[rank] for b in self.buckets)
+
+    def shard_ranges(self, rank):
+        """The (lo, hi) ranges of the flat buffer that make up rank's shard."""
+        return [b.part(rank) for b in self.buckets]
+
+
+def dtype_name(dtype):
+    """``mx.float32`` -> ``"float32"``."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def split_counts(total, weights):
+    """Split ``total`` elements into ``len(weights)`` parts proportional to ``weights``.
+
+    Equal weights give equal parts when ``total`` is a multiple of the number of
+    parts. Rounding leftovers go to the first parts, so the counts always sum to
+    ``total``.
+    """
+    scale = sum(weights)
+    counts = [int(total * w // scale) for w in weights]
+    for i in range(total - sum(counts)):
+        counts[i % len(counts)] += 1
+    return tuple(counts)
+
+
+class FlatLayout:
+    """Where every parameter of a tree lives in the flat, sharded buffers.
+
+    Args:
+        tree: a parameter (or gradient) tree of ``mx.array`` leaves.
+        num_shards (int): the world size N.
+        bucket_bytes (int): target bucket size in bytes (default 64 MiB).
+        weights (list, optional): relative shard sizes per rank, e.g. each Mac's
+          memory; equal shards by default.
+    """
+
+    def __init__(self, tree, num_shards, bucket_bytes=DEFAULT_BUCKET_BYTES, weights=None):
+        if weights is not None and (len(weights) != num_shards or min(weights) <= 0):
+            raise ValueError(f"weights must be {num_shards} positive numbers, one per rank; got {weights}.")
+        self.num_shards = num_shards
+        self.weights = tuple(weights) if weights is not None else (1,) * num_shards
+        self.bucket_bytes = bucket_bytes
+        leaves = [(k, v) for k, v in tree_flatten(tree) if isinstance(v, mx.array)]
+        if not leaves:
+            raise ValueError("The parameter tree is empty: there is nothing to optimize.")
+        self.paths = [k for k, _ in leaves]
+        self.buffers = {}
+        for dtype in _dtypes_in_order(leaves):
+            group = [(k, v) for k, v in leaves if v.dtype == dtype]
+            buf = self._make_buffer(dtype, group)
+            self.buffers[buf.name] = buf
+
+    def _make_buffer(self, dtype, leaves):
+        entries, offset = [], 0
+        for path, leaf in leaves:
+            entries.append(Entry(path, tuple(leaf.shape), offset, leaf.size))
+            offset += leaf.size
+        n = self.num_shards
+        padded = -(-max(offset, 1) // n) * n
+        step = max(n, self.bucket_bytes // dtype.size // n * n)
+        buckets = tuple(
+            Bucket(lo, min(lo + step, padded), split_counts(min(lo + step, padded) - lo, self.weights))
+            for lo in range(0, padded, step)
+        )
+        return Buffer(dtype, tuple(entries), offset, padded, buckets)
+
+    def signature(self):
+        """Names, shapes and dtypes of all parameters, comparable across ranks."""
+        return [[e.path, list(e.shape), name] for name, b in self.buffers.items() for e in b.entries]
+
+    def check_tree(self, tree, what="gradients"):
+        """Raise a ValueError naming the first leaf of ``tree`` that does not fit."""
+        leaves = dict((k, v) for k, v in tree_flatten(tree) if isinstance(v, mx.array))
+        for name, buf in self.buffers.items():
+            for e in buf.entries:
+                leaf = leaves.pop(e.path, None)
+                if leaf is None:
+                    raise ValueError(f"The {what} miss the parameter '{e.path}'.")
+                if tuple(leaf.shape) != e.shape or dtype_name(leaf.dtype) != name:
+                    raise ValueError(
+                        f"The {what} of '{e.path}' have shape {tuple(leaf.shape)} and dtype "
+                        f"{dtype_name(leaf.dtype)}; the optimizer expects {e.shape} and {name}."
+                    )
+        if leaves:
+            raise ValueError(f"The {what} hold '{next(iter(leaves))}', which the optimizer was not initialized with.")
+
+    def flat_range(self, tree, name, lo, hi):
+        """``flatten(tree)[name][lo:hi]`` built from slices of the overlapping leaves only."""
+        buf = self.buffers[name]
+        leaves = dict(tree_flatten(tree))
+        starts = [e.offset for e in buf.entries]
+        pieces, pos = [], lo
+        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while pos < min(hi, buf.size):
+            e = buf.entries[i]
+            end = min(hi, e.offset + e.size)
+            pieces.append(leaves[e.path].reshape(-1)[pos - e.offset : end - e.offset])
+            pos, i = end, i + 1
+        if hi > max(lo, buf.size):
+            pieces.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+
+    def shard(self, tree, name, rank):
+        """Rank's shard of ``tree``'s flat ``name`` buffer (its part of every bucket)."""
+        parts = [self.flat_range(tree, name, lo, hi) for lo, hi in self.buffers[name].shard_ranges(rank)]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+    def unflatten(self, flats):
+        """The tree of parameters held by the full (gathered) flat buffers ``flats``."""
+        items = []
+        for name, flat in flats.items():
+            for e in self.buffers[name].entries:
+                items.append((e.path, flat[e.offset : e.offset + e.size].reshape(e.shape)))
+        order = {p: i for i, p in enumerate(self.paths)}
+        return tree_unflatten(sorted(items, key=lambda kv: order[kv[0]]))
+
+
+def _dtypes_in_order(leaves):
+    seen = []
+    for _, v in leaves:
+        if v.dtype not in seen:
+            seen.append(v.dtype)
+    return seen
