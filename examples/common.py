@@ -1,0 +1,119 @@
+"""Pieces shared by the examples: arguments, each rank's slice of a batch, checkpoints.
+
+Every example follows the same data-parallel recipe, which is what makes the loss
+curve the same for any number of ranks N with the same global batch B:
+
+1. every rank builds the same model from the same seed and sees the same global batch;
+2. rank r takes rows ``[r*B/N, (r+1)*B/N)`` of it and computes the mean loss and its
+   gradient on them;
+3. the distopt optimizer averages the gradients over ranks (the mean over B rows) and
+   applies one update, identical on every rank;
+4. the printed loss is the mean of the ranks' losses (``all_sum / N``).
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+import distopt
+from distopt.progress import Progress, show_rank_errors
+
+
+def parser(description, steps, batch_size, lr):
+    """An argument parser with the options every example takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch size, split over ranks (default {batch_size})")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and data (default 0)")
+    p.add_argument("--log-every", type=int, default=10, help="print a line every this many steps (default 10)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="save a checkpoint here at the end (and every --save-every steps)")
+    p.add_argument("--save-every", type=int, default=0, help="also save every this many steps (default: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    return p
+
+
+def setup(args):
+    """Start the process group; check the batch splits evenly. Returns ``(group, local_batch)``."""
+    group = distopt.init()
+    show_rank_errors(group.rank())
+    if args.batch_size % group.size():
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({group.size()}).")
+    if args.resume and args.checkpoint_dir is None:
+        raise SystemExit("--resume needs --checkpoint-dir.")
+    return group, args.batch_size // group.size()
+
+
+def local_rows(x, group):
+    """This rank's equal slice (along axis 0) of a global batch ``x``."""
+    n = x.shape[0] // group.size()
+    return x[group.rank() * n : (group.rank() + 1) * n]
+
+
+def global_mean(value, group):
+    """Mean of a scalar over ranks (collective)."""
+    if group.size() == 1:
+        return value
+    return mx.distributed.all_sum(value, group=group) / group.size()
+
+
+def progress_for(args, group, optimizer, start=0, unit="tok"):
+    """A :class:`~distopt.progress.Progress` that shows the optimizer's bytes per step."""
+    traffic = _Lazy(optimizer) if group.size() > 1 else None
+    return Progress(args.steps, rank=group.rank(), start=start, every=args.log_every, traffic=traffic, unit=unit)
+
+
+class _Lazy:
+    """The optimizer's traffic counter, which exists only after its first step."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def _t(self):
+        comm = getattr(self.optimizer, "comm", None)
+        return getattr(comm, "traffic", None)
+
+    def total_sent(self):
+        t = self._t()
+        return t.total_sent() if t else 0
+
+    def total_received(self):
+        t = self._t()
+        return t.total_received() if t else 0
+
+
+# Checkpoints. distopt.save_checkpoint / load_checkpoint are used when this distopt has
+# them; otherwise each rank saves its own optimizer shard (resume at the same N only).
+
+
+def save(directory, step, model, optimizer, group):
+    """Save the model, the optimizer state and the step (collective)."""
+    directory = Path(directory)
+    if hasattr(distopt, "save_checkpoint"):
+        distopt.save_checkpoint(directory, model, optimizer, step=step)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    rank = group.rank()
+    state = dict(tree_flatten(optimizer.state))
+    mx.save_safetensors(str(directory / f"optimizer.rank{rank}.safetensors"), state)
+    if rank == 0:
+        model.save_weights(str(directory / "model.safetensors"))
+        (directory / "step.txt").write_text(f"{step} {group.size()}\n")
+
+
+def load(directory, model, optimizer, group):
+    """Load a checkpoint saved by :func:`save` into ``model`` and ``optimizer``; return its step."""
+    directory = Path(directory)
+    if hasattr(distopt, "load_checkpoint"):
+        return distopt.load_checkpoint(directory, model, optimizer)
+    step, size = map(int, (directory / "step.txt").read_text().split())
+    if size != group.size():
+        raise SystemExit(f"checkpoint in {directory} was saved by {size} ranks; resume with {size} ranks.")
+    model.load_weights(str(directory / "model.safetensors"))
+    state = mx.load(str(directory / f"optimizer.rank{group.rank()}.safetensors"))
+    optimizer.state = tree_unflatten(list(state.items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return step
