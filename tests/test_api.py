@@ -1,0 +1,185 @@
+"""Single-process behaviour: the MLX optimizer interface, validation, layout, N=1 fallback."""
+
+import inspect
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten
+
+import distopt
+from distopt.layout import FlatLayout, split_counts
+
+PAIRS = [(optim.SGD, distopt.SGD), (optim.Adagrad, distopt.Adagrad), (optim.Adamax, distopt.Adamax)]
+
+
+@pytest.mark.parametrize("mlx_cls,distopt_cls", PAIRS)
+def test_constructor_arguments_and_defaults_match_mlx(mlx_cls, distopt_cls):
+    ours = inspect.signature(distopt_cls.__init__).parameters
+    theirs = inspect.signature(mlx_cls.__init__).parameters
+    positional = [p for p in ours.values() if p.kind != p.KEYWORD_ONLY]
+    assert [(p.name, p.default) for p in positional] == [(p.name, p.default) for p in theirs.values()]
+    assert [p.name for p in ours.values() if p.kind == p.KEYWORD_ONLY] == [
+        "group", "stage", "bucket_bytes", "shard_weights",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.SGD(0.1, nesterov=True),
+        lambda m: m.SGD(0.1, momentum=0.9, dampening=0.1, nesterov=True),
+        lambda m: m.Adagrad(0.1, eps=0.0),
+        lambda m: m.Adamax(0.1, betas=[1.0, 0.9]),
+        lambda m: m.Adamax(0.1, eps=-1.0),
+    ],
+)
+def test_validation_errors_are_mlx_errors(make):
+    with pytest.raises(ValueError) as theirs:
+        make(optim)
+    with pytest.raises(ValueError) as ours:
+        make(distopt)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("inner", [optim.Adafactor(), optim.Muon(0.01)])
+def test_non_elementwise_optimizers_are_refused(inner):
+    with pytest.raises(TypeError, match="is not element-wise"):
+        distopt.ShardedOptimizer(inner)
+
+
+def test_bad_stage_is_refused():
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        distopt.Adamax(0.1, stage=3)
+
+
+def test_bad_backend_name_is_refused():
+    with pytest.raises(ValueError, match="Unknown backend 'tcp'"):
+        distopt.init(backend="tcp")
+
+
+def _model():
+    mx.random.seed(3)
+    return nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 2))
+
+
+def _grads(model, seed):
+    mx.random.seed(seed)
+    x, y = mx.random.normal((4, 5)), mx.random.normal((4, 2))
+    return nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(x), y))(model)[1]
+
+
+@pytest.mark.parametrize("mlx_cls,distopt_cls", PAIRS)
+def test_single_process_is_plain_mlx(mlx_cls, distopt_cls):
+    schedule = optim.cosine_decay(0.1, 10)
+    ours, theirs = distopt_cls(schedule), mlx_cls(schedule)
+    a, b = _model(), _model()
+    assert isinstance(ours, optim.Optimizer)
+    for step in range(5):
+        ours.update(a, _grads(a, step))
+        theirs.update(b, _grads(b, step))
+        mx.eval(a.parameters(), b.parameters(), ours.state, theirs.state)
+    for (ka, va), (kb, vb) in zip(tree_flatten(a.parameters()), tree_flatten(b.parameters())):
+        assert ka == kb and mx.array_equal(va, vb).item()
+    assert tree_flatten(ours.state, destination={}).keys() == tree_flatten(theirs.state, destination={}).keys()
+    assert ours.step.item() == 5 and ours.learning_rate.item() == theirs.learning_rate.item()
+    assert ours.consolidated_state() is ours.state
+    report = ours.memory_report()
+    assert report["optimizer_state_bytes"] == report["optimizer_state_bytes_unsharded"] > 0
+
+
+def test_learning_rate_setter_and_explicit_init():
+    opt = distopt.SGD(0.1, momentum=0.9)
+    model = _model()
+    opt.init(model.trainable_parameters())
+    assert mx.array_equal(opt.state["layers"][0]["weight"]["v"], mx.zeros((9, 5))).item()
+    opt.learning_rate = 0.5
+    assert opt.learning_rate.item() == 0.5
+
+
+def test_single_process_step_compiles_like_mlx_lm():
+    model, opt = _model(), distopt.Adamax(0.01)
+    reference, ref_opt = _model(), optim.Adamax(0.01)
+    mx.random.seed(0)
+    x, y = mx.random.normal((4, 5)), mx.random.normal((4, 2))
+
+    def make_step(m, o):
+        @partial(mx.compile, inputs=[m.state, o.state], outputs=[m.state, o.state])
+        def step(x, y):
+            loss, grads = nn.value_and_grad(m, lambda mm: nn.losses.mse_loss(mm(x), y))(m)
+            o.update(m, grads)
+            return loss
+
+        return step
+
+    step, ref_step = make_step(model, opt), make_step(reference, ref_opt)
+    for _ in range(3):
+        mx.eval(step(x, y), ref_step(x, y))
+    for (_, va), (_, vb) in zip(tree_flatten(model.parameters()), tree_flatten(reference.parameters())):
+        assert mx.array_equal(va, vb).item()
+
+
+# ---- layout ---------------------------------------------------------------
+
+
+def test_split_counts_equal_and_weighted():
+    assert split_counts(12, [1, 1, 1]) == (4, 4, 4)
+    assert split_counts(10, [1, 1, 2]) == (3, 2, 5)
+    assert sum(split_counts(1001, [16, 32, 64, 96])) == 1001
+
+
+def _tree():
+    return {
+        "a": mx.arange(7, dtype=mx.float32).reshape(7, 1),
+        "b": [mx.arange(5, dtype=mx.float32) + 100, mx.arange(3, dtype=mx.bfloat16)],
+        "c": mx.array(9.0),
+    }
+
+
+@pytest.mark.parametrize("n,bucket_bytes", [(1, 1 << 20), (2, 8), (3, 16), (4, 1 << 20), (5, 12)])
+def test_layout_shards_cover_the_buffer_once(n, bucket_bytes):
+    tree = _tree()
+    layout = FlatLayout(tree, n, bucket_bytes=bucket_bytes)
+    f32 = layout.buffers["float32"]
+    assert f32.size == 13 and f32.padded_size % n == 0 and f32.padded_size - f32.size < n
+    assert all((b.stop - b.start) % n == 0 for b in f32.buckets)
+    shards = [layout.shard(tree, "float32", r) for r in range(n)]
+    assert len({s.size for s in shards}) == 1  # equal shards
+    full = {name: mx.zeros((buf.padded_size,), buf.dtype) for name, buf in layout.buffers.items()}
+    for name, buf in layout.buffers.items():
+        pieces = [None] * len(buf.buckets)
+        for i, bucket in enumerate(buf.buckets):
+            pieces[i] = layout.flat_range(tree, name, bucket.start, bucket.stop)
+        full[name] = mx.concatenate(pieces)
+        # The padding is zero and sits at the end only.
+        assert mx.array_equal(full[name][buf.size :], mx.zeros((buf.padded_size - buf.size,), buf.dtype)).item()
+    rebuilt = layout.unflatten(full)
+    for (ka, va), (kb, vb) in zip(tree_flatten(tree), tree_flatten(rebuilt)):
+        assert ka == kb and va.dtype == vb.dtype and mx.array_equal(va, vb).item()
+
+
+def test_layout_buffer_smaller_than_world():
+    layout = FlatLayout({"w": mx.array([1.0, 2.0])}, 4)
+    assert [layout.shard({"w": mx.array([1.0, 2.0])}, "float32", r).tolist() for r in range(4)] == [[1.0], [2.0], [0.0], [0.0]]
+
+
+def test_layout_weights_give_proportional_shards():
+    tree = {"w": mx.zeros((1000,))}
+    layout = FlatLayout(tree, 2, weights=[1, 3])
+    assert [layout.buffers["float32"].shard_size(r) for r in range(2)] == [250, 750]
+    with pytest.raises(ValueError, match="weights must be 2 positive numbers"):
+        FlatLayout(tree, 2, weights=[1, 0])
+
+
+def test_layout_rejects_empty_model_and_mismatched_gradients():
+    with pytest.raises(ValueError, match="parameter tree is empty"):
+        FlatLayout({}, 2)
+    layout = FlatLayout({"w": mx.zeros((3,)), "b": mx.zeros((2,))}, 2)
+    with pytest.raises(ValueError, match="miss the parameter 'w'"):
+        layout.check_tree({"b": mx.zeros((2,))})
+    with pytest.raises(ValueError, match=r"'b' have shape \(3,\) and dtype float32; the optimizer expects \(2,\) and float32"):
+        layout.check_tree({"w": mx.zeros((3,)), "b": mx.zeros((3,))})
+    with pytest.raises(ValueError, match="dtype bfloat16"):
+        layout.check_tree({"w": mx.zeros((3,), mx.bfloat16), "b": mx.zeros((2,))})
