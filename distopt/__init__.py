@@ -10,7 +10,10 @@ Change one line of an MLX training loop::
 from .group import DistoptError, init
 from .optimizers import SGD, Adagrad, Adamax
 from .sharded import ShardedOptimizer
+from .accumulate import GradientAccumulator
+from .plan import plan
+from .precision import DynamicLossScale
 
 __version__ = "0.1.0"
 
-__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax"]
+__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax", "GradientAccumulator", "DynamicLossScale", "plan"]

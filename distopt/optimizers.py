@@ -2,8 +2,9 @@
 
 Each class builds the matching ``mlx.optimizers`` optimizer (so defaults, validation
 errors and update math are MLX's own) and shards it with :class:`ShardedOptimizer`.
-The keyword-only ``group``, ``stage``, ``bucket_bytes`` and ``shard_weights`` are
-those of :class:`ShardedOptimizer`.
+The keyword-only ``group``, ``stage``, ``bucket_bytes``, ``shard_weights`` and the
+precision options (``master_weights``, ``reduce_dtype``, ``max_norm``,
+``skip_nonfinite``, ``loss_scale``) are those of :class:`ShardedOptimizer`.
 """
 
 from typing import Callable, List, Union
@@ -48,9 +49,18 @@ class SGD(ShardedOptimizer):
         stage: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         shard_weights=None,
+        master_weights: bool = False,
+        reduce_dtype=None,
+        max_norm=None,
+        skip_nonfinite: bool = False,
+        loss_scale=None,
     ):
         inner = optim.SGD(learning_rate, momentum, weight_decay, dampening, nesterov)
-        super().__init__(inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights)
+        super().__init__(
+            inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
+            master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
+            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+        )  # fmt: skip
 
 
 class Adagrad(ShardedOptimizer):
@@ -79,9 +89,18 @@ class Adagrad(ShardedOptimizer):
         stage: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         shard_weights=None,
+        master_weights: bool = False,
+        reduce_dtype=None,
+        max_norm=None,
+        skip_nonfinite: bool = False,
+        loss_scale=None,
     ):
         inner = optim.Adagrad(learning_rate, eps)
-        super().__init__(inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights)
+        super().__init__(
+            inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
+            master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
+            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+        )  # fmt: skip
 
 
 class Adamax(ShardedOptimizer):
@@ -115,6 +134,15 @@ class Adamax(ShardedOptimizer):
         stage: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         shard_weights=None,
+        master_weights: bool = False,
+        reduce_dtype=None,
+        max_norm=None,
+        skip_nonfinite: bool = False,
+        loss_scale=None,
     ):
         inner = optim.Adamax(learning_rate, betas, eps)
-        super().__init__(inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights)
+        super().__init__(
+            inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
+            master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
+            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+        )  # fmt: skip

@@ -10,14 +10,17 @@ ends the step with the same full parameters, as plain data parallelism would giv
     w^{(r)}_{t+1} = \\text{update}(\\bar g^{(r)}, w^{(r)}_t, s^{(r)}_t), \\qquad
     w_{t+1} = \\text{all\\_gather}_r\\, w^{(r)}_{t+1}
 
-where :math:`x^{(r)}` is rank r's shard of the flat buffer of x.
+where :math:`x^{(r)}` is rank r's shard of the flat buffer of x. The precision
+options (fp32 master shards, clipping, non-finite skip, loss scaling) live in
+:mod:`distopt.precision`; with them off the step is exactly the one above.
 """
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .comm import make_communicator
+from . import precision, watchdog
+from .comm import Traffic, make_communicator, traced
 from .group import DistoptError, all_gather_object, init
 from .layout import DEFAULT_BUCKET_BYTES, FlatLayout
 
@@ -28,6 +31,7 @@ ELEMENTWISE = (
     optim.Adam, optim.AdamW, optim.Adamax, optim.Lion,
 )  # fmt: skip
 HYPER_KEYS = ("step", "learning_rate")
+FEATURE_KEYS = ("grad_norm", "skipped_steps", "loss_scale", "loss_scale_good_steps")
 
 
 class ShardedOptimizer(optim.Optimizer):
@@ -45,9 +49,40 @@ class ShardedOptimizer(optim.Optimizer):
         bucket_bytes (int): bytes per communication bucket. Default 64 MiB.
         shard_weights (list, optional): relative shard size per rank, e.g. the
           memory of each Mac. Equal shards by default.
+        master_weights (bool): keep an fp32 master copy of this rank's shard of every
+          bfloat16/float16 parameter, and fp32 optimizer state for it; the update runs
+          in fp32 and parameters are gathered in the model's dtype. Default ``False``
+          (state and update in the parameter's dtype, exactly as ``mlx.optimizers``).
+        reduce_dtype (mlx.core.Dtype, optional): ``mlx.core.float32`` reduces half
+          precision gradients in fp32 (twice the bytes). Default: the model's dtype.
+        max_norm (float, optional): clip the global norm of the mean gradient to
+          ``max_norm``, as ``mlx.optimizers.clip_grad_norm``; the norm before
+          clipping is ``opt.last_grad_norm``. Default ``None`` (no clipping).
+        skip_nonfinite (bool): skip the step on every rank when the mean gradient
+          holds inf or NaN on any rank: parameters, state and ``step`` stay as they
+          were, and ``opt.skipped_steps`` counts it. Default ``False``.
+        loss_scale (float or DynamicLossScale, optional): the gradients are divided
+          by ``opt.loss_scale``; multiply the loss by it. Implies
+          ``skip_nonfinite``. Default ``None``.
+
+    With one rank and none of the precision options, the inner optimizer runs
+    unchanged; with any of them, the flat path runs with a single shard.
     """
 
-    def __init__(self, optimizer, *, group=None, stage=1, bucket_bytes=DEFAULT_BUCKET_BYTES, shard_weights=None):
+    def __init__(
+        self,
+        optimizer,
+        *,
+        group=None,
+        stage=1,
+        bucket_bytes=DEFAULT_BUCKET_BYTES,
+        shard_weights=None,
+        master_weights=False,
+        reduce_dtype=None,
+        max_norm=None,
+        skip_nonfinite=False,
+        loss_scale=None,
+    ):
         if not isinstance(optimizer, ELEMENTWISE):
             raise TypeError(
                 f"{type(optimizer).__name__} is not element-wise, so its state cannot be sharded "
@@ -55,6 +90,7 @@ class ShardedOptimizer(optim.Optimizer):
             )
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
+        self.precision = precision.Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
         super().__init__()
         self.inner = optimizer
         self.group = group if group is not None else init()
@@ -69,8 +105,27 @@ class ShardedOptimizer(optim.Optimizer):
 
     @property
     def sharded(self):
-        """False with a single rank, where the inner optimizer runs unchanged."""
-        return self.group.size() > 1
+        """True when the flat, sharded step runs: several ranks, or any precision option.
+
+        False only with a single rank and no precision option, where the inner
+        optimizer runs unchanged with its own state layout.
+        """
+        return self.group.size() > 1 or self.precision.active
+
+    @property
+    def last_grad_norm(self):
+        """The global norm of the last mean gradient (an array; ``None`` unless checked)."""
+        return self.state.get("grad_norm")
+
+    @property
+    def skipped_steps(self):
+        """How many steps were skipped for non-finite gradients."""
+        return int(self.state["skipped_steps"].item()) if "skipped_steps" in self.state else 0
+
+    @property
+    def loss_scale(self):
+        """The current loss scale (an array), or ``None`` without loss scaling."""
+        return self.state.get("loss_scale")
 
     @property
     def state(self):
@@ -87,57 +142,108 @@ class ShardedOptimizer(optim.Optimizer):
         """Lay out ``parameters``, check all ranks agree, and create this rank's state shards."""
         if not self.sharded:
             return self.inner.init(parameters)
-        self.layout = FlatLayout(parameters, self.group.size(), self.bucket_bytes, self.shard_weights)
+        self._init_flat(parameters, parameters)
+
+    def _init_flat(self, tree, parameters):
+        """Layout from ``tree``; state shards, and fp32 master shards copied from ``parameters``."""
+        self.layout = FlatLayout(tree, self.group.size(), self.bucket_bytes, self.shard_weights)
         self._check_ranks_agree()
-        self.comm = make_communicator(self.group, equal_parts=self.shard_weights is None)
+        if self.group.size() == 1:
+            self.comm = SingleRankComm(self.group)
+        else:
+            self.comm = make_communicator(self.group, equal_parts=self.shard_weights is None)
         shards = self._state.setdefault("shards", {})
         rank = self.group.rank()
         for name, buf in self.layout.buffers.items():
             if name not in shards:
                 shards[name] = {}
-                self.inner.init_single(mx.zeros((buf.shard_size(rank),), buf.dtype), shards[name])
+                work = self.precision.work_dtype(buf.dtype)
+                self.inner.init_single(mx.zeros((buf.shard_size(rank),), work), shards[name])
+        self._init_masters(parameters)
+        for key, value in self.precision.init_state().items():
+            self._state.setdefault(key, value)
         self._initialized = True
+
+    def _init_masters(self, parameters):
+        """fp32 copies of this rank's shard of every half-precision buffer that lacks one."""
+        for name, buf in self.layout.buffers.items():
+            shard = self._state["shards"][name]
+            if self.precision.has_master(buf.dtype) and "master" not in shard:
+                shard["master"] = self.layout.shard(parameters, name, self.group.rank()).astype(mx.float32)
 
     def apply_gradients(self, gradients, parameters):
         """Average ``gradients`` over ranks, update this rank's shard, return full parameters."""
         if not self.sharded:
             return self.inner.apply_gradients(gradients, parameters)
         if not self._initialized:
-            self.init(gradients)
+            self._init_lazily(gradients, parameters)
         self.layout.check_tree(gradients)
-        self._advance_step()
+        watchdog.step_started()
+        self.comm.traffic.start_step()
+        shards = self._state["shards"]
+        # 1. This rank's shard of the mean gradient, per dtype buffer.
+        grads = {name: self._mean_shard(gradients, name) for name in self.layout.buffers}
+        # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
+        grads, coefficient, ok = self.precision.prepare(grads, self._state, self.group)
+        # 3. Update each shard (fp32 master if any); a non-finite step changes nothing.
+        self._advance_step(ok)
         hyper = {k: self._state[k] for k in HYPER_KEYS if k in self._state}
         full = {}
-        for name in self.layout.buffers:
-            grad = self._reduce_shard(gradients, name) / self.group.size()
-            param = self.layout.shard(parameters, name, self.group.rank())
-            param, self._state["shards"][name] = self._kernel(hyper, grad, param, self._state["shards"][name])
-            full[name] = self._gather(param, name)
+        for name, buf in self.layout.buffers.items():
+            state = {k: v for k, v in shards[name].items() if k != "master"}
+            param = shards[name]["master"] if "master" in shards[name] else self.layout.shard(parameters, name, self.group.rank())
+            param, state = self._kernel(hyper, grads[name], param, state, coefficient, ok)
+            shards[name] = {**state, "master": param} if "master" in shards[name] else state
+            # 4. Gather the updated parameters, in the model's dtype.
+            full[name] = self._gather(param.astype(buf.dtype), name)
         return self.layout.unflatten(full)
 
-    def _advance_step(self):
-        """Schedules and step counter, exactly as ``mlx.optimizers.Optimizer``."""
+    def _init_lazily(self, gradients, parameters):
+        """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""
+        first = next(v for _, v in tree_flatten(gradients) if isinstance(v, mx.array))
+        if traced(first):
+            raise DistoptError(
+                "The optimizer must be initialized before its step is compiled: call "
+                "opt.init(model.trainable_parameters()) before mx.compile(...)."
+            )
+        self._init_flat(gradients, parameters)
+
+    def _advance_step(self, ok=None):
+        """Schedules and step counter, exactly as ``mlx.optimizers.Optimizer``; a skipped step keeps both."""
         for param, scheduler in self._schedulers.items():
             self._state[param] = scheduler(self.step)
-        self._state["step"] = self.step + 1
+        self._state["step"] = precision.select(ok, self.step + 1, self.step)
 
-    def _update_shard(self, hyper, grad, param, state):
+    def _update_shard(self, hyper, grad, param, state, coefficient=None, ok=None):
         """The inner optimizer's element-wise math on one flat shard (compiled once per shape)."""
         saved, self.inner._state = self.inner._state, hyper
         try:
-            state = dict(state)
-            return self.inner.apply_single(grad, param, state), state
+            new_state = dict(state)
+            new_param = self.inner.apply_single(precision.clip(grad, coefficient), param, new_state)
+            return precision.select(ok, new_param, param), precision.select(ok, new_state, state)
         finally:
             self.inner._state = saved
 
+    def _mean_shard(self, gradients, name):
+        """This rank's shard of the gradient averaged over ranks, in the update's dtype."""
+        work = self.precision.work_dtype(self.layout.buffers[name].dtype)
+        total = self._reduce_shard(gradients, name)
+        if work == mx.float32:
+            total = total.astype(mx.float32)  # divide in fp32 when the update runs in fp32
+        return (total / self.group.size()).astype(work)
+
     def _reduce_shard(self, gradients, name):
         """This rank's shard of the summed gradient, bucket by bucket."""
-        parts = []
+        parts, reduce_dtype = [], self.precision.reduce_dtype
         for bucket in self.layout.buffers[name].buckets:
             flat = self.layout.flat_range(gradients, name, bucket.start, bucket.stop)
+            if reduce_dtype is not None:
+                flat = flat.astype(reduce_dtype)
             parts.append(self.comm.reduce_scatter(flat, bucket))
             if self.stage == 2:
-                mx.eval(parts[-1])  # frees the flat bucket before the next one is built
+                # Frees the flat bucket before the next one is built. traced() evaluates
+                # it now, except under mx.compile, where nothing can be evaluated.
+                traced(parts[-1])
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
     def _gather(self, shard, name):
@@ -166,6 +272,7 @@ class ShardedOptimizer(optim.Optimizer):
             "stage": self.stage,
             "bucket_bytes": self.bucket_bytes,
             "shard_weights": list(self.shard_weights) if self.shard_weights else None,
+            "precision": self.precision.settings(),
         }
 
     def _check_ranks_agree(self):
@@ -184,31 +291,91 @@ class ShardedOptimizer(optim.Optimizer):
         per_param = {}
         for name, shards in self._state["shards"].items():
             for key, shard in shards.items():
+                if key == "master":
+                    continue
                 for path, value in tree_flatten(self.layout.unflatten({name: self._gather(shard, name)})):
                     per_param.setdefault(path, {})[key] = value
         order = {p: i for i, p in enumerate(self.layout.paths)}
         state = tree_unflatten(sorted(per_param.items(), key=lambda kv: order[kv[0]]))
-        return {**{k: v for k, v in self._state.items() if k != "shards"}, **state}
+        hyper = {k: v for k, v in self._state.items() if k != "shards" and k not in FEATURE_KEYS}
+        return {**hyper, **state}
+
+    def master_parameters(self):
+        """The fp32 master copies of the half-precision parameters, full, on every rank (collective)."""
+        full = {}
+        for name, shards in self._state.get("shards", {}).items():
+            if "master" in shards:
+                full[name] = self._gather(shards["master"], name)
+        return self.layout.unflatten(full) if full else {}
+
+    def comm_report(self):
+        """Bytes this rank sent and received in the last step, per operation, and in total.
+
+        ``flat_bytes`` is the size of the padded flat buffers; every path but
+        ``allsum`` moves ``2 (N-1)/N`` of it per step with equal shards.
+        """
+        if self.comm is None:
+            return {"path": None, "world_size": self.group.size(), "steps": 0}
+        t = self.comm.traffic
+        return {
+            "path": self.comm.name,
+            "world_size": self.group.size(),
+            "steps": t.steps,
+            "flat_bytes": sum(b.padded_size * b.dtype.size for b in self.layout.buffers.values()),
+            "step_sent": dict(t.step_sent),
+            "step_received": dict(t.step_received),
+            "total_sent": t.total_sent(),
+            "total_received": t.total_received(),
+        }
 
     def memory_report(self):
-        """Bytes of optimizer state on this rank, and what one unsharded optimizer holds."""
+        """Bytes this rank holds for training, by kind (see :func:`distopt.plan` for the model).
+
+        ``parameter_bytes`` and ``gradient_bytes``: the full model and its local
+        gradients, in the model's dtype. ``master_weight_bytes``: this rank's fp32
+        master shards. ``optimizer_state_bytes``: its state shards plus the scalars
+        (``optimizer_state_bytes_unsharded``: what one unsharded optimizer holds).
+        ``gradient_shard_bytes``: the mean gradient shard. ``reduce_buffer_bytes``:
+        the flat gradient buckets built for the reduction, all of them at stage 1,
+        the largest one at stage 2. ``total_bytes``: their sum.
+        """
         scalars = sum(v.nbytes for k, v in self._state.items() if isinstance(v, mx.array))
         if not self.sharded:
             total = sum(v.nbytes for _, v in tree_flatten(self.inner.state))
             return {"optimizer_state_bytes": total, "optimizer_state_bytes_unsharded": total, "world_size": 1}
-        sharded = sum(v.nbytes for _, v in tree_flatten(self._state.get("shards", {})))
-        unsharded = 0
-        for name, shards in self._state.get("shards", {}).items():
-            buf = self.layout.buffers[name]
-            unsharded += sum(buf.size * v.dtype.size for v in shards.values())
-        return {
-            "optimizer_state_bytes": scalars + sharded,
-            "optimizer_state_bytes_unsharded": scalars + unsharded,
-            "parameter_bytes": sum(b.size * b.dtype.size for b in self.layout.buffers.values()),
-            "gradient_shard_bytes": sum(b.shard_size(self.group.rank()) * b.dtype.size for b in self.layout.buffers.values()),
-            "world_size": self.group.size(),
-            "stage": self.stage,
+        rank, buffers, shards = self.group.rank(), self.layout.buffers, self._state.get("shards", {})
+        state = sum(v.nbytes for s in shards.values() for k, v in s.items() if k != "master")
+        master = sum(s["master"].nbytes for s in shards.values() if "master" in s)
+        unsharded = sum(buffers[name].size * v.dtype.size for name, s in shards.items() for k, v in s.items() if k != "master")
+        reduce_size = lambda b: (self.precision.reduce_dtype or b.dtype).size  # noqa: E731
+        buckets = [(bk.stop - bk.start) * reduce_size(b) for b in buffers.values() for bk in b.buckets]
+        report = {
+            "parameter_bytes": sum(b.size * b.dtype.size for b in buffers.values()),
+            "gradient_bytes": sum(b.size * b.dtype.size for b in buffers.values()),
+            "master_weight_bytes": master,
+            "optimizer_state_bytes": scalars + state,
+            "gradient_shard_bytes": sum(b.shard_size(rank) * self.precision.work_dtype(b.dtype).size for b in buffers.values()),
+            "reduce_buffer_bytes": sum(buckets) if self.stage == 1 else max(buckets),
         }
+        report["total_bytes"] = sum(report.values())
+        report.update(optimizer_state_bytes_unsharded=scalars + unsharded, world_size=self.group.size(), stage=self.stage)
+        return report
+
+
+class SingleRankComm:
+    """The communicator of a one-rank group: the sum over one rank is the buffer itself."""
+
+    name = "single"
+
+    def __init__(self, group):
+        self.group, self.rank, self.size = group, 0, 1
+        self.traffic = Traffic()
+
+    def reduce_scatter(self, flat, bucket):
+        return flat
+
+    def all_gather(self, part, bucket):
+        return part
 
 
 def _first_difference(reference, other):

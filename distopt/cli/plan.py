@@ -1,0 +1,33 @@
+"""``distopt plan``: will this model train on these Macs? Bytes per rank at stage 1 and 2."""
+
+import click
+
+from ..plan import DTYPES, format_plan, plan
+
+
+@click.command("plan")
+@click.option("--params", "params", required=True, type=float, help="Number of parameters, e.g. 7e9.")
+@click.option("--optimizer", default="adamax", show_default=True, help="sgd, adagrad, adamax, adam, adamw, rmsprop, adadelta, lion.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPES)), help="Parameter dtype.")
+@click.option("-n", "--ranks", "world_size", default=1, show_default=True, type=click.IntRange(min=1), help="Number of ranks (Macs).")
+@click.option("--memory", "memory", multiple=True, type=float, help="Memory of each Mac in GiB; once for all, or once per rank.")
+@click.option("--master-weights/--no-master-weights", default=False, show_default=True, help="fp32 master shards for half-precision models.")
+@click.option("--reduce-fp32", is_flag=True, help="Reduce half-precision gradients in fp32.")
+@click.option("--bucket-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Reduction bucket size in MiB.")
+@click.option("--usable", "usable_fraction", default=0.75, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Share of memory training may use.")
+def plan_command(params, optimizer, dtype, world_size, memory, master_weights, reduce_fp32, bucket_mb, usable_fraction):
+    """Print the memory per rank of a sharded training run, and whether it fits.
+
+    Example: distopt plan --params 7e9 --optimizer adamax --dtype bf16 -n 4 --memory 64
+    """
+    import mlx.core as mx
+
+    try:
+        result = plan(
+            params, optimizer, dtype, world_size, list(memory) or None,
+            master_weights=master_weights, reduce_dtype=mx.float32 if reduce_fp32 else None,
+            bucket_bytes=int(bucket_mb * 1024**2), usable_fraction=usable_fraction,
+        )  # fmt: skip
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    click.echo(format_plan(result))

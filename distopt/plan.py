@@ -1,0 +1,238 @@
+"""The memory model: bytes per rank for a model, an optimizer, a dtype and N ranks.
+
+For a flat buffer of :math:`P` parameters of :math:`s` bytes each, padded to
+:math:`\\hat P = N \\lceil P / N \\rceil` and sharded into :math:`\\hat P / N` elements per
+rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
+
+.. math::
+
+    \\underbrace{P s}_{\\text{parameters}} + \\underbrace{P s}_{\\text{gradients}}
+    + \\underbrace{4 \\hat P / N}_{\\text{fp32 master}}
+    + \\underbrace{k\\, w \\hat P / N}_{\\text{state}}
+    + \\underbrace{w \\hat P / N}_{\\text{mean gradient shard}}
+    + \\underbrace{R}_{\\text{reduce buffers}}
+
+where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
+otherwise, and the reduce buffers :math:`R` are the flat gradient buckets: all of them
+(:math:`\\hat P` elements) at stage 1, the largest one at stage 2. These are exactly the
+figures of :meth:`ShardedOptimizer.memory_report`; activations are not included.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from .layout import DEFAULT_BUCKET_BYTES, dtype_name
+from .precision import Precision
+from .sharded import ELEMENTWISE, ShardedOptimizer
+
+DTYPES = {
+    "float32": mx.float32, "fp32": mx.float32, "f32": mx.float32,
+    "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
+    "float16": mx.float16, "fp16": mx.float16, "f16": mx.float16,
+}  # fmt: skip
+KINDS = (
+    ("parameter_bytes", "parameters"),
+    ("gradient_bytes", "gradients"),
+    ("master_weight_bytes", "master weights (fp32)"),
+    ("optimizer_state_bytes", "optimizer state"),
+    ("gradient_shard_bytes", "mean gradient shard"),
+    ("reduce_buffer_bytes", "reduce buffers"),
+    ("total_bytes", "total per rank"),
+)
+GiB = 1024**3
+
+
+def plan(
+    model_or_param_count,
+    optimizer="adamax",
+    dtype=None,
+    world_size=1,
+    memory_gb=None,
+    *,
+    master_weights=False,
+    reduce_dtype=None,
+    max_norm=None,
+    skip_nonfinite=False,
+    loss_scale=None,
+    bucket_bytes=DEFAULT_BUCKET_BYTES,
+    usable_fraction=0.75,
+):
+    """Bytes per rank to train a model with a sharded optimizer, at stage 1 and 2.
+
+    Args:
+        model_or_param_count: an ``mlx.nn.Module``, a tree of parameters, or a number
+          of parameters (e.g. ``7e9``).
+        optimizer: a name (``"adamax"``, ``"adam"``, ``"sgd"``, ...), an
+          ``mlx.optimizers`` optimizer or a :class:`ShardedOptimizer`.
+        dtype: the parameters' dtype (``"bfloat16"``, ``"bf16"``, ``mx.float16``, ...).
+          Default: the model's own dtypes, or bfloat16 for a parameter count.
+        world_size (int): the number of ranks N.
+        memory_gb (float or list, optional): each machine's memory in GiB (one number
+          for all, or one per rank).
+        master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale,
+          bucket_bytes: as for :class:`ShardedOptimizer`.
+        usable_fraction (float): share of a machine's memory training may use (macOS
+          lets the GPU wire about 75% of it). Default ``0.75``.
+
+    Returns:
+        dict: ``parameters``, ``world_size``, ``optimizer``, ``state_arrays``, and under
+        ``"stages"`` the keys ``"unsharded"`` (one rank, no sharding), ``1`` and ``2``,
+        each a dict of the byte counts of :meth:`ShardedOptimizer.memory_report`
+        plus ``fits`` (a bool per rank, or ``None`` without ``memory_gb``).
+    """
+    if int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}.")
+    memory = _memory_per_rank(memory_gb, world_size)
+    sizes = _buffer_sizes(model_or_param_count, dtype)
+    slots = _state_arrays(optimizer)
+    options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
+    stages = {"unsharded": _bytes(sizes, 1, 1, slots, options, bucket_bytes)}
+    for stage in (1, 2):
+        stages[stage] = _bytes(sizes, world_size, stage, slots, options, bucket_bytes)
+    for stage, figures in stages.items():
+        budget = [usable_fraction * m * GiB for m in memory] if memory else None
+        figures["fits"] = [figures["total_bytes"] <= b for b in budget] if budget else None
+    return {
+        "parameters": sum(sizes.values()),
+        "dtypes": [dtype_name(d) for d in sizes],
+        "world_size": int(world_size),
+        "optimizer": _optimizer_name(optimizer),
+        "state_arrays": slots,
+        "master_weights": master_weights,
+        "memory_gb": memory,
+        "usable_fraction": usable_fraction,
+        "stages": stages,
+    }
+
+
+def _bytes(sizes, n, stage, slots, options, bucket_bytes):
+    """The :meth:`ShardedOptimizer.memory_report` figures of one rank, from the formula."""
+    out = {key: 0 for key, _ in KINDS[:-1]}
+    all_buckets, largest_bucket = 0, 0
+    for dtype, size in sizes.items():
+        padded = -(-max(size, 1) // n) * n
+        shard = padded // n
+        work = options.work_dtype(dtype).size
+        reduce = (options.reduce_dtype or dtype).size
+        step = max(n, bucket_bytes // dtype.size // n * n)
+        all_buckets += padded * reduce
+        largest_bucket = max(largest_bucket, min(step, padded) * reduce)
+        out["parameter_bytes"] += size * dtype.size
+        out["gradient_bytes"] += size * dtype.size
+        out["master_weight_bytes"] += shard * 4 if options.has_master(dtype) else 0
+        out["optimizer_state_bytes"] += slots * shard * work
+        out["gradient_shard_bytes"] += shard * work
+    out["optimizer_state_bytes"] += _scalar_bytes(options)
+    out["reduce_buffer_bytes"] = all_buckets if stage == 1 else largest_bucket
+    out["total_bytes"] = sum(out.values())
+    return out
+
+
+def _scalar_bytes(options):
+    """``step`` (uint64), ``learning_rate`` (float32) and the precision options' scalars."""
+    return 8 + 4 + sum(v.nbytes for v in options.init_state().values())
+
+
+def _buffer_sizes(source, dtype):
+    """``{dtype: number of parameters}`` of a model, a parameter tree or a count."""
+    cast = _dtype(dtype) if dtype is not None else None
+    if isinstance(source, (int, float)):
+        if source < 1 or source != int(source):
+            raise ValueError(f"The parameter count must be a positive whole number, got {source!r}.")
+        return {cast or mx.bfloat16: int(source)}
+    tree = source.trainable_parameters() if isinstance(source, nn.Module) else source
+    sizes = {}
+    for _, leaf in tree_flatten(tree):
+        if isinstance(leaf, mx.array):
+            key = cast or leaf.dtype
+            sizes[key] = sizes.get(key, 0) + leaf.size
+    if not sizes:
+        raise ValueError("The model has no trainable parameters: there is nothing to plan.")
+    return sizes
+
+
+def _dtype(dtype):
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {', '.join(sorted(DTYPES))}.")
+    return DTYPES[str(dtype).lower()]
+
+
+def _inner(optimizer):
+    """The ``mlx.optimizers`` instance behind a name, an MLX optimizer or a ShardedOptimizer."""
+    if isinstance(optimizer, ShardedOptimizer):
+        return optimizer.inner
+    if isinstance(optimizer, optim.Optimizer):
+        return optimizer
+    by_name = {cls.__name__.lower(): cls for cls in ELEMENTWISE}
+    cls = by_name.get(str(optimizer).lower())
+    if cls is None:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {', '.join(sorted(by_name))}.")
+    return cls(learning_rate=0.1)
+
+
+def _optimizer_name(optimizer):
+    return type(_inner(optimizer)).__name__
+
+
+def _state_arrays(optimizer):
+    """How many state arrays per parameter the optimizer keeps (Adamax: m and v, so 2)."""
+    state = {}
+    _inner(optimizer).init_single(mx.zeros((1,)), state)
+    return len(state)
+
+
+def _memory_per_rank(memory_gb, world_size):
+    if memory_gb is None:
+        return None
+    memory = list(memory_gb) if isinstance(memory_gb, (list, tuple)) else [memory_gb] * world_size
+    if len(memory) == 1:
+        memory = memory * world_size
+    if len(memory) != world_size or min(memory) <= 0:
+        raise ValueError(f"memory_gb must be one positive number or {world_size} of them, one per rank; got {memory_gb!r}.")
+    return [float(m) for m in memory]
+
+
+def format_plan(result):
+    """A text table of a :func:`plan` result, one column per stage."""
+    stages = result["stages"]
+    columns = [("no sharding", stages["unsharded"]), ("stage 1", stages[1]), ("stage 2", stages[2])]
+    master = "on" if result["master_weights"] else "off"
+    lines = [
+        f"{result['parameters']:.3g} parameters ({', '.join(result['dtypes'])}), {result['optimizer']} "
+        f"({result['state_arrays']} state arrays), {result['world_size']} ranks, master weights {master}",
+        f"{'bytes per rank':<24}" + "".join(f"{name:>14}" for name, _ in columns),
+    ]
+    for key, label in KINDS:
+        lines.append(f"{label:<24}" + "".join(f"{_human(figures[key]):>14}" for _, figures in columns))
+    if result["memory_gb"]:
+        memory = result["memory_gb"]
+        usable = f"{result['usable_fraction']:.0%} of {_gib_list(memory)} GiB"
+        lines.append(f"{'fits (' + usable + ')':<24}" + "".join(f"{_fits(f['fits']):>14}" for _, f in columns))
+    lines.append("Activations are not included; they grow with the batch and sequence length.")
+    return "\n".join(lines)
+
+
+def _fits(flags):
+    if all(flags):
+        return "yes"
+    return "no" if not any(flags) else "ranks " + ",".join(str(i) for i, ok in enumerate(flags) if ok)
+
+
+def _gib_list(memory):
+    unique = sorted(set(memory))
+    return f"{unique[0]:g}" if len(unique) == 1 else "/".join(f"{m:g}" for m in memory)
+
+
+def _human(n):
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}"
+    return f"{n}"
+
