@@ -1,0 +1,13 @@
+"""The ``distopt`` command line: a click group; each subcommand lives in its own module."""
+
+import click
+
+from .launch import launch_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Data-parallel MLX training with ZeRO sharded optimizers."""
+
+
+main.add_command(launch_command)

@@ -1,0 +1,5 @@
+"""``python -m distopt.cli`` runs the ``distopt`` command."""
+
+from . import main
+
+main(prog_name="distopt")
