@@ -3,6 +3,7 @@
 import click
 
 from .launch import launch_command
+from .plan import plan_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -11,3 +12,4 @@ def main():
 
 
 main.add_command(launch_command)
+main.add_command(plan_command)
