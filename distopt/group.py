@@ -14,6 +14,8 @@ import mlx.core as mx
 import msgpack
 import numpy as np
 
+from . import watchdog
+
 BACKENDS = ("auto", "mpi", "ring", "nccl", "jaccl")
 
 _backend_by_group = {}
@@ -61,13 +63,16 @@ def detect_backend(environ=None):
     return None
 
 
-def init(backend="auto"):
+def init(backend="auto", timeout=None):
     """Initialize and return the world group of this job.
 
     Args:
         backend (str): ``"auto"`` (default) uses the backend the launcher prepared
           (see :func:`detect_backend`), or a single-process group when there is no
           launcher. ``"mpi"``, ``"ring"``, ``"nccl"`` or ``"jaccl"`` force one.
+        timeout (float, optional): seconds a collective may block before the
+          watchdog ends this rank (see :mod:`distopt.watchdog`); default
+          ``DISTOPT_TIMEOUT`` or 300, adapted to 10x the median step; 0 disables.
 
     For MPI, ``MLX_MPI_LIBNAME`` is set to the Open MPI library installed with
     distopt unless the user already set it. Calling ``init`` again returns the
@@ -85,7 +90,8 @@ def init(backend="auto"):
         if libmpi is not None:
             os.environ["MLX_MPI_LIBNAME"] = libmpi
     try:
-        group = mx.distributed.init(strict=True, backend=chosen)
+        with watchdog.joining(chosen, timeout):
+            group = mx.distributed.init(strict=True, backend=chosen)
     except RuntimeError as e:
         raise DistoptError(
             f"Could not start the {chosen!r} backend: {e}. "
@@ -93,6 +99,7 @@ def init(backend="auto"):
             "and run `distopt doctor` to check the installation."
         ) from None
     _backend_by_group[id(group)] = chosen
+    watchdog.joined(group, chosen)
     return group
 
 
