@@ -121,10 +121,14 @@ class Watchdog:
         return self
 
     def stop(self):
+        """Stop the thread and give back the ping signal's previous handler."""
         self._stop.set()
+        if self._signals and threading.current_thread() is self._main:
+            signal.signal(PING, self._previous)
+            self._signals = False
 
     def _install(self):
-        previous = signal.getsignal(PING)
+        previous = self._previous = signal.getsignal(PING)
 
         def pong(signum, frame):
             self.alive = time.monotonic()

@@ -1,0 +1,126 @@
+"""Run one fault case of ``fault_train.py`` through ``distopt launch`` and measure its end.
+
+``run_fault(backend, n, fault, rank, step)`` starts the launcher, timestamps every
+output line, optionally SIGTERMs the launcher itself, and returns a :class:`FaultRun`:
+exit code, seconds from the fault to the launcher's exit, the processes of the job
+still alive afterwards (found by a unique tag in their command line), and the output.
+Used by ``tests/test_faults.py`` and ``benchmarks/stress_faults.py``.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "scripts" / "fault_train.py"
+
+
+@dataclass
+class FaultRun:
+    code: int
+    fault_at: float  # seconds after launch when the fault happened (line seen / signal sent)
+    ended_at: float  # seconds after launch when the launcher exited
+    leftovers: list  # pids of the job still alive after the launcher exited
+    lines: list = field(default_factory=list)  # (seconds, stream, text)
+
+    @property
+    def gone_after(self):
+        """Seconds from the fault until every process of the job was gone."""
+        return self.ended_at - self.fault_at
+
+    @property
+    def text(self):
+        return "\n".join(f"{t:7.2f} {s} {line}" for t, s, line in self.lines)
+
+    def find(self, needle):
+        return [line for _, _, line in self.lines if needle in line]
+
+
+def launcher_env(timeout):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["DISTOPT_TIMEOUT"] = str(timeout)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_fault(backend, n, fault, rank=1, step=5, *, deadline=3.0, steps=30, sigterm_at=None,
+              ckpt=None, limit=90, launch_args=(), env=None):
+    """Run one case; ``fault="sigterm"`` trains normally and SIGTERMs the launcher at ``sigterm_at``."""
+    tag = uuid.uuid4().hex[:12]
+    script_fault = "none" if fault == "sigterm" else fault
+    argv = [sys.executable, "-m", "distopt.cli", "launch", "-n", str(n), "--backend", backend,
+            *map(str, launch_args), str(SCRIPT), script_fault, str(rank), str(step),
+            "--steps", str(steps), "--tag", tag]
+    if ckpt:
+        argv += ["--ckpt", str(ckpt)]
+    run_env = launcher_env(deadline)
+    run_env.update(env or {})
+    start = time.monotonic()
+    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=run_env, start_new_session=True)
+    lines, fault_at = [], [None]
+    readers = [threading.Thread(target=_read, args=(launcher.stdout, "out", lines, start, fault_at)),
+               threading.Thread(target=_read, args=(launcher.stderr, "err", lines, start, fault_at))]
+    for reader in readers:
+        reader.start()
+    if fault == "sigterm":
+        _sigterm_when_training(launcher, lines, start, sigterm_at or step, fault_at)
+    try:
+        code = launcher.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        code = launcher.wait()
+        lines.append((time.monotonic() - start, "harness", f"launcher still running after {limit} s: killed"))
+    ended = time.monotonic() - start
+    for reader in readers:
+        reader.join(timeout=5)
+    leftovers = _tagged_processes(tag)
+    for pid in leftovers:
+        _kill(pid)
+    if fault == "nojoin":  # the fault starts when the last rank has started
+        fault_at[0] = max((t for t, _, line in lines if "] pid " in line), default=float("nan"))
+    return FaultRun(code, fault_at[0] if fault_at[0] is not None else float("nan"), ended, leftovers, lines)
+
+
+def _read(stream, name, lines, start, fault_at):
+    for line in iter(stream.readline, ""):
+        now = time.monotonic() - start
+        lines.append((now, name, line.rstrip("\n")))
+        if "injecting" in line and fault_at[0] is None:
+            fault_at[0] = now
+
+
+def _sigterm_when_training(launcher, lines, start, at_step, fault_at):
+    """SIGTERM the launcher once some rank printed ``step {at_step}`` (as Ctrl-C would)."""
+    needle = f"] step {at_step} "
+    while launcher.poll() is None:
+        if any(needle in line for _, _, line in list(lines)):
+            fault_at[0] = time.monotonic() - start
+            launcher.send_signal(signal.SIGTERM)
+            return
+        time.sleep(0.02)
+
+
+def _tagged_processes(tag):
+    """Pids of live processes whose command line holds ``tag`` (ranks, mpirun, ssh)."""
+    listing = subprocess.run(["ps", "-ax", "-o", "pid=,stat=,command="], capture_output=True, text=True).stdout
+    found = []
+    for line in listing.splitlines():
+        pid, state, command = (line.split(None, 2) + ["", ""])[:3]
+        if tag in command and not state.startswith("Z") and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
