@@ -72,7 +72,7 @@ class Precision:
     def __post_init__(self):
         if not isinstance(self.master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {self.master_weights!r}.")
-        if self.reduce_dtype not in (None, mx.float32):
+        if self.reduce_dtype is not None and self.reduce_dtype != mx.float32:
             raise ValueError(f"reduce_dtype must be None (the model's dtype) or mlx.core.float32, got {self.reduce_dtype!r}.")
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm >= 0):
             raise ValueError(f"max_norm should be >=0, {self.max_norm} was provided instead")

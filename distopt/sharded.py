@@ -201,7 +201,7 @@ class ShardedOptimizer(optim.Optimizer):
     def _init_lazily(self, gradients, parameters):
         """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""
         first = next(v for _, v in tree_flatten(gradients) if isinstance(v, mx.array))
-        if traced(first):
+        if _tracing(first):
             raise DistoptError(
                 "The optimizer must be initialized before its step is compiled: call "
                 "opt.init(model.trainable_parameters()) before mx.compile(...)."
@@ -360,6 +360,16 @@ class ShardedOptimizer(optim.Optimizer):
         report["total_bytes"] = sum(report.values())
         report.update(optimizer_state_bytes_unsharded=scalars + unsharded, world_size=self.group.size(), stage=self.stage)
         return report
+
+
+def _tracing(x):
+    """True inside ``mx.compile``, where ``x`` cannot be evaluated (evaluates it otherwise)."""
+    try:
+        return traced(x)
+    except RuntimeError as e:  # an input the compiled function did not capture
+        if "without a primitive" in str(e):
+            return True
+        raise
 
 
 class SingleRankComm:
