@@ -11,9 +11,11 @@ from .group import DistoptError, init
 from .optimizers import SGD, Adagrad, Adamax
 from .sharded import ShardedOptimizer
 from .accumulate import GradientAccumulator
+from .checkpoint import load_checkpoint, save_checkpoint
+from .manifest import CheckpointError
 from .plan import plan
 from .precision import DynamicLossScale
 
 __version__ = "0.1.0"
 
-__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax", "GradientAccumulator", "DynamicLossScale", "plan"]
+__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax", "GradientAccumulator", "DynamicLossScale", "plan", "save_checkpoint", "load_checkpoint", "CheckpointError"]

@@ -1,0 +1,105 @@
+"""Shared by the checkpoint tests and their rank scripts: a model, its data, exact references.
+
+Every rank trains on the same batch, and gradients are rounded to a few significant
+bits, so the mean over any number of ranks is exactly the gradient (k * g is exact for
+k <= 8, and (k * g) / k == g). Training at any world size is then bit-for-bit the
+plain ``mlx.optimizers`` run on one process, which is the uninterrupted reference.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+import distopt
+
+K, J = 3, 3  # steps before the checkpoint, steps after it
+SCHEDULE = optim.join_schedules([optim.linear_schedule(0.0, 0.05, 2), optim.cosine_decay(0.05, 10)], [2])
+
+
+def settings(name):
+    """(plain class, distopt class, arguments) of each tested optimizer."""
+    return {
+        "adamax": (optim.Adamax, distopt.Adamax, dict(learning_rate=SCHEDULE, betas=[0.8, 0.99], eps=1e-6)),
+        "sgd": (optim.SGD, distopt.SGD, dict(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    }[name]
+
+
+def make_optimizer(name, plain=False, **extra):
+    plain_cls, dist_cls, kwargs = settings(name)
+    kwargs = {**kwargs, **{k: v for k, v in extra.items() if k not in ("bucket_bytes",)}}
+    if plain:
+        return plain_cls(**kwargs)
+    return dist_cls(**kwargs, bucket_bytes=extra.get("bucket_bytes", 96))
+
+
+class Net(nn.Module):
+    """Odd sizes (shards split parameters), a list of layers, and one bfloat16 parameter."""
+
+    def __init__(self, hidden=13):
+        super().__init__()
+        self.layers = [nn.Linear(7, hidden), nn.Linear(hidden, 11)]
+        self.head = nn.Linear(11, 3)
+        self.scale = mx.ones((5,), dtype=mx.bfloat16)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nn.relu(layer(x))
+        return self.head(x) * self.scale[:3].astype(mx.float32)
+
+
+def make_model(seed=0, hidden=13):
+    mx.random.seed(seed)
+    model = Net(hidden)
+    mx.eval(model.parameters())
+    return model
+
+
+def batch(t):
+    k1, k2 = mx.random.split(mx.random.key(1000 + t))
+    return mx.random.normal((16, 7), key=k1), mx.random.normal((16, 3), key=k2)
+
+
+def _round(g):
+    """Keep 8 significant bits of a float32 and 5 of a bfloat16 gradient (exact sums of <= 8 copies)."""
+    if g.dtype == mx.float32:
+        return mx.view(mx.view(g, mx.uint32) & 0xFFFF0000, mx.float32)
+    return mx.view(mx.view(g.astype(mx.float32), mx.uint32) & 0xFFF80000, mx.float32).astype(g.dtype)
+
+
+def grads(model, t):
+    x, y = batch(t)
+    _, g = nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(x), y))(model)
+    return tree_map(_round, g)
+
+
+def train(model, opt, start, stop):
+    for t in range(start, stop):
+        opt.update(model, grads(model, t))
+        mx.eval(model.parameters(), opt.state)
+
+
+def reference(name, steps=K + J):
+    """The uninterrupted run: plain mlx.optimizers, one process."""
+    model, opt = make_model(), make_optimizer(name, plain=True)
+    train(model, opt, 0, steps)
+    return model, opt
+
+
+def full_state(opt):
+    """The state in mlx.optimizers layout (collective for a sharded optimizer)."""
+    return opt.consolidated_state() if isinstance(opt, distopt.ShardedOptimizer) else opt.state
+
+
+def differences(model, state, ref_model, ref_state):
+    """Names of the parameters and state leaves that are not bit-for-bit equal to the reference."""
+    mx.eval(state)  # a sharded optimizer's consolidated state is lazy collectives: evaluate on every rank
+    bad = []
+    for prefix, a, b in (("param:", model.parameters(), ref_model.parameters()), ("state:", state, ref_state)):
+        fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
+        if fa.keys() != fb.keys():
+            bad.append(f"{prefix}keys {sorted(set(fa) ^ set(fb))}")
+        for k in sorted(fa.keys() & fb.keys()):
+            if fa[k].dtype != fb[k].dtype or fa[k].shape != fb[k].shape or not mx.array_equal(fa[k], fb[k]).item():
+                bad.append(prefix + k)
+    return sorted(bad)

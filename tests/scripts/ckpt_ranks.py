@@ -1,0 +1,80 @@
+"""Rank script for tests/test_checkpoint.py; prints one ``CKPT {json}`` line per check.
+
+    ckpt_ranks.py save ROOT          train K steps, save ROOT/<opt>, reload here, J more steps
+    ckpt_ranks.py resume ROOT...     load ROOT/<opt> (saved at any N), J more steps
+    ckpt_ranks.py bad CASES.json     every bad checkpoint raises CheckpointError, nothing changes
+
+Every resumed run must equal the uninterrupted plain mlx.optimizers run bit for bit.
+"""
+
+import json
+import sys
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+import distopt
+from ckpt_common import J, K, differences, full_state, make_model, make_optimizer, reference, train
+
+group = distopt.init()
+NAMES = ("adamax", "sgd")
+
+
+def report(**fields):
+    print("CKPT " + json.dumps(fields), flush=True)
+
+
+def resume(root, name, bucket_bytes):
+    model, opt = make_model(seed=7), make_optimizer(name, bucket_bytes=bucket_bytes)
+    meta = distopt.load_checkpoint(f"{root}/{name}", model, opt)
+    train(model, opt, K, K + J)
+    ref, ref_opt = reference(name)
+    report(check="resume", root=root, name=name, meta=meta, step=int(opt.step.item()),
+           diff=differences(model, full_state(opt), ref, ref_opt.state))  # fmt: skip
+
+
+def save(root):
+    for name in NAMES:
+        model, opt = make_model(), make_optimizer(name)
+        train(model, opt, 0, K)
+        path = distopt.save_checkpoint(f"{root}/{name}", model, opt, metadata={"name": name, "k": K})
+        report(check="saved", name=name, path=str(path))
+        resume(root, name, bucket_bytes=200)
+
+
+def snapshot(model, opt):
+    state = full_state(opt)
+    mx.eval(state)
+    return {k: mx.array(v) for k, v in tree_flatten([model.parameters(), state])}
+
+
+def bad(cases_file):
+    for case in json.load(open(cases_file)):
+        extra = {"betas": case["betas"]} if "betas" in case else {}
+        model = make_model(hidden=case.get("hidden", 13))
+        if case.get("extra_param"):
+            model.extra = mx.zeros((2,))
+        opt = make_optimizer(case.get("optimizer", "adamax"), **extra)
+        train(model, opt, 0, 1)
+        before = snapshot(model, opt)
+        try:
+            distopt.load_checkpoint(case["dir"], model, opt)
+            error = None
+        except distopt.CheckpointError as e:
+            error = str(e)
+        after = snapshot(model, opt)
+        unchanged = before.keys() == after.keys() and all(mx.array_equal(before[k], after[k]).item() for k in sorted(before))
+        report(check="bad", case=case["name"], error=error, unchanged=unchanged)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "save":
+        save(args[0])
+    elif mode == "resume":
+        for root in args:
+            for name in NAMES:
+                resume(root, name, bucket_bytes=64)
+    elif mode == "bad":
+        bad(args[0])
+    report(check="done", rank=group.rank(), size=group.size())
