@@ -1,0 +1,82 @@
+"""The memory planner: ``distopt.plan`` and ``distopt plan`` against real figures.
+
+At N=2 (ring), for four configurations of a mixed bf16/fp32 model (master weights,
+fp32 reduction, stage 1 and 2, small buckets), the planned bytes per rank equal
+``memory_report()`` key by key, and the report's parameter, gradient and state bytes
+equal the ``nbytes`` of the arrays the run really holds.
+"""
+
+import json
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from helpers import rank_lines, run_ranks
+
+import distopt
+from distopt.cli import main as cli
+
+KEYS = [
+    "parameter_bytes", "gradient_bytes", "master_weight_bytes", "optimizer_state_bytes",
+    "gradient_shard_bytes", "reduce_buffer_bytes", "total_bytes",
+]  # fmt: skip
+
+
+def test_plan_equals_memory_report_of_a_real_run_at_n2():
+    code, out, err = run_ranks(2, "plan_report.py", backend="ring", timeout=90)
+    assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    for rank in range(2):
+        results = [json.loads(line[5:]) for line in rank_lines(out, rank) if line.startswith("PLAN ")]
+        assert len(results) == 4, out[-3000:]
+        for r in results:
+            report, planned, arrays = r["report"], r["plan"], r["arrays"]
+            assert {k: planned[k] for k in KEYS} == {k: report[k] for k in KEYS}, r["config"]
+            assert report["parameter_bytes"] == arrays["parameters"] == report["gradient_bytes"] == arrays["gradients"]
+            assert report["optimizer_state_bytes"] + report["master_weight_bytes"] == arrays["state"], r["config"]
+            assert planned["fits"] == [True, False]  # 1 GiB fits, 1 KiB does not
+
+
+def test_plan_formula_for_a_7b_model_on_four_macs():
+    p = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=64, master_weights=True)
+    s1, s2, alone = p["stages"][1], p["stages"][2], p["stages"]["unsharded"]
+    shard = 7e9 / 4
+    assert p["state_arrays"] == 2 and p["parameters"] == 7_000_000_000
+    assert s1["parameter_bytes"] == s1["gradient_bytes"] == 14e9
+    assert s1["master_weight_bytes"] == 4 * shard
+    assert s1["optimizer_state_bytes"] == 2 * 4 * shard + 8 + 4  # m, v in fp32, plus step and learning_rate
+    assert s1["gradient_shard_bytes"] == 4 * shard
+    assert s1["reduce_buffer_bytes"] == 14e9 and s2["reduce_buffer_bytes"] == 64 * 1024**2
+    assert alone["optimizer_state_bytes"] == 2 * 4 * 7e9 + 12
+    assert s2["total_bytes"] < s1["total_bytes"] < alone["total_bytes"]
+    assert s1["fits"] == [False] * 4 and s2["fits"] == [False] * 4  # 52 GiB > 75% of 64 GiB
+    no_master = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=64)["stages"]
+    assert no_master[2]["fits"] == [True] * 4 and no_master[1]["fits"] == [False] * 4
+
+
+def test_plan_cli_prints_the_table():
+    result = CliRunner().invoke(cli, ["plan", "--params", "7e9", "--optimizer", "adamax", "--dtype", "bf16", "-n", "4", "--memory", "64"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "7e+09 parameters (bfloat16), Adamax (2 state arrays), 4 ranks, master weights off"
+    assert lines[1].split() == ["bytes", "per", "rank", "no", "sharding", "stage", "1", "stage", "2"]
+    assert lines[2].split() == ["parameters", "13.04", "GiB", "13.04", "GiB", "13.04", "GiB"]
+    assert "optimizer state" in result.output and lines[-2].split()[-3:] == ["no", "no", "yes"]
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["--params", "7e9", "--optimizer", "adafactor"], "Unknown optimizer 'adafactor'"),
+        (["--params", "7e9", "-n", "4", "--memory", "64", "--memory", "32"], "memory_gb must be one positive number or 4"),
+        (["--params", "0"], "parameter count must be a positive whole number"),
+    ],
+)
+def test_plan_cli_bad_input(args, error):
+    result = CliRunner().invoke(cli, ["plan", *args])
+    assert result.exit_code == 2 and error in result.output, result.output
+
+
+def test_plan_bad_dtype():
+    with pytest.raises(ValueError, match="Unknown dtype 'int8'"):
+        distopt.plan(1000, dtype="int8")
+    assert distopt.plan(1000, dtype=mx.float16)["dtypes"] == ["float16"]
