@@ -17,7 +17,6 @@ prefixed with ``[rank r]``, so the failing rank is obvious in mixed output.
 import os
 import sys
 import time
-import traceback
 
 __all__ = ["Progress", "show_rank_errors", "format_bytes"]
 
@@ -148,20 +147,50 @@ class Progress:
 
 
 def show_rank_errors(rank):
-    """Print uncaught exceptions of this process as ``[rank r] ...`` lines on stderr.
+    """Prefix the traceback of an uncaught exception with ``[rank r] `` on stderr.
 
-    Installs a ``sys.excepthook``; the exit status stays non-zero as usual.
+    ``distopt launch`` already tags every line of every rank, so under it (``DISTOPT_BACKEND``
+    set) this does nothing. Elsewhere (``mpirun`` without ``--tag-output``, ``mlx.launch``)
+    it wraps the current ``sys.excepthook``, keeping what it does (e.g. distopt's
+    ``MPI_Abort`` of the whole job); the exit status stays non-zero.
 
     Args:
         rank (int): this process's rank.
     """
+    if "DISTOPT_BACKEND" in os.environ:
+        return
+    previous = sys.excepthook
 
     def hook(kind, value, tb):
-        text = "".join(traceback.format_exception(kind, value, tb))
-        sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").split("\n")))
-        sys.stderr.flush()
+        real = sys.stderr
+        sys.stderr = _Prefixed(real, f"[rank {rank}] ")
+        try:
+            previous(kind, value, tb)
+        finally:
+            sys.stderr.flush()
+            sys.stderr = real
 
     sys.excepthook = hook
+
+
+class _Prefixed:
+    """A text stream that writes ``prefix`` at the start of every line to ``stream``."""
+
+    def __init__(self, stream, prefix):
+        self.stream, self.prefix, self.pending = stream, prefix, ""
+
+    def write(self, text):
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.stream.write(self.prefix + line + "\n")
+        return len(text)
+
+    def flush(self):
+        if self.pending:
+            self.stream.write(self.prefix + self.pending + "\n")
+            self.pending = ""
+        self.stream.flush()
 
 
 def _fmt(value):

@@ -12,11 +12,9 @@ curve the same for any number of ranks N with the same global batch B:
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 
 import distopt
 from distopt.progress import Progress, show_rank_errors
@@ -85,35 +83,14 @@ class _Lazy:
         return t.total_received() if t else 0
 
 
-# Checkpoints. distopt.save_checkpoint / load_checkpoint are used when this distopt has
-# them; otherwise each rank saves its own optimizer shard (resume at the same N only).
+def save(directory, step, model, optimizer, keep_last=2):
+    """Save the model, the optimizer state and the step under ``directory`` (collective)."""
+    distopt.save_checkpoint(directory, model, optimizer, step=step, metadata={"step": step}, keep_last=keep_last)
 
 
-def save(directory, step, model, optimizer, group):
-    """Save the model, the optimizer state and the step (collective)."""
-    directory = Path(directory)
-    if hasattr(distopt, "save_checkpoint"):
-        distopt.save_checkpoint(directory, model, optimizer, step=step)
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    rank = group.rank()
-    state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(directory / f"optimizer.rank{rank}.safetensors"), state)
-    if rank == 0:
-        model.save_weights(str(directory / "model.safetensors"))
-        (directory / "step.txt").write_text(f"{step} {group.size()}\n")
+def load(directory, model, optimizer):
+    """Load the latest checkpoint under ``directory`` into ``model`` and ``optimizer``; return its step.
 
-
-def load(directory, model, optimizer, group):
-    """Load a checkpoint saved by :func:`save` into ``model`` and ``optimizer``; return its step."""
-    directory = Path(directory)
-    if hasattr(distopt, "load_checkpoint"):
-        return distopt.load_checkpoint(directory, model, optimizer)
-    step, size = map(int, (directory / "step.txt").read_text().split())
-    if size != group.size():
-        raise SystemExit(f"checkpoint in {directory} was saved by {size} ranks; resume with {size} ranks.")
-    model.load_weights(str(directory / "model.safetensors"))
-    state = mx.load(str(directory / f"optimizer.rank{group.rank()}.safetensors"))
-    optimizer.state = tree_unflatten(list(state.items()))
-    mx.eval(model.parameters(), optimizer.state)
-    return step
+    A checkpoint saved by any number of ranks loads at this one (collective).
+    """
+    return distopt.load_checkpoint(directory, model, optimizer)["step"]

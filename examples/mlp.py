@@ -68,7 +68,7 @@ def main():
     optimizer = distopt.Adamax(learning_rate=args.lr)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    start = load(args.checkpoint_dir, model, optimizer, group) if args.resume else 0
+    start = load(args.checkpoint_dir, model, optimizer) if args.resume else 0
     data = batches(x, y, args.batch_size, args.seed)
     for _ in range(start):  # skip the batches already trained on
         next(data)
@@ -83,10 +83,10 @@ def main():
         mx.eval(loss, model.parameters(), optimizer.state)
         progress.update(step, loss.item(), tokens=args.batch_size)
         if args.checkpoint_dir and args.save_every and step % args.save_every == 0:
-            save(args.checkpoint_dir, step, model, optimizer, group)
+            save(args.checkpoint_dir, step, model, optimizer)
     progress.close()
     if args.checkpoint_dir and args.steps > start:
-        save(args.checkpoint_dir, args.steps, model, optimizer, group)
+        save(args.checkpoint_dir, args.steps, model, optimizer)
 
     accuracy = mx.mean(mx.argmax(model(mx.array(x[:2048])), axis=1) == mx.array(y[:2048])).item()
     progress.log(f"train accuracy {accuracy:.3f}")
