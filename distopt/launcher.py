@@ -229,7 +229,14 @@ def _local_env(job, variables):
 
 
 def ssh_argv(host, script):
-    """Run the POSIX shell ``script`` on ``host`` (never prompting for a password)."""
+    """Run the POSIX shell ``script`` on ``host`` (never prompting for a password).
+
+    ``DISTOPT_RSH``, when set, is the program used instead of ssh, called as ssh
+    is: ``AGENT HOST COMMAND`` (the tests use one that enters a network namespace).
+    """
+    agent = os.environ.get("DISTOPT_RSH", "").strip()
+    if agent:
+        return [*shlex.split(agent), host, "sh -c " + shlex.quote(script)]
     ssh = shutil.which("ssh")
     if ssh is None:
         raise LaunchError("ssh not found on PATH; it is needed to start ranks on other hosts")
@@ -284,6 +291,8 @@ def mpi_processes(job, hosts, tmpdir):
             argv += ["-x", name]
     if hosts:
         argv += ["--hostfile", write_openmpi_hostfile(hosts, tmpdir), "--map-by", "slot"]
+        if os.environ.get("DISTOPT_RSH", "").strip():
+            argv += ["--prtemca", "plm_ssh_agent", os.environ["DISTOPT_RSH"].strip()]
     return [RankProcess(argv + job.rank_argv(), _MpiOutput(), env)]
 
 

@@ -51,8 +51,12 @@ def launcher_env(timeout):
 
 
 def run_fault(backend, n, fault, rank=1, step=5, *, deadline=3.0, steps=30, sigterm_at=None,
-              ckpt=None, limit=90, launch_args=(), env=None):
-    """Run one case; ``fault="sigterm"`` trains normally and SIGTERMs the launcher at ``sigterm_at``."""
+              ckpt=None, limit=90, launch_args=(), env=None, trigger=None):
+    """Run one case; ``fault="sigterm"`` trains normally and SIGTERMs the launcher at ``sigterm_at``.
+
+    ``trigger=(text, action)`` calls ``action()`` (e.g. cut a network link) when a
+    line holding ``text`` appears, and counts that moment as the fault.
+    """
     tag = uuid.uuid4().hex[:12]
     script_fault = "none" if fault == "sigterm" else fault
     argv = [sys.executable, "-m", "distopt.cli", "launch", "-n", str(n), "--backend", backend,
@@ -71,7 +75,9 @@ def run_fault(backend, n, fault, rank=1, step=5, *, deadline=3.0, steps=30, sigt
     for reader in readers:
         reader.start()
     if fault == "sigterm":
-        _sigterm_when_training(launcher, lines, start, sigterm_at or step, fault_at)
+        trigger = (f"] step {sigterm_at or step} ", lambda: launcher.send_signal(signal.SIGTERM))
+    if trigger is not None:
+        _when_line(launcher, lines, start, trigger, fault_at)
     try:
         code = launcher.wait(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -97,13 +103,13 @@ def _read(stream, name, lines, start, fault_at):
             fault_at[0] = now
 
 
-def _sigterm_when_training(launcher, lines, start, at_step, fault_at):
-    """SIGTERM the launcher once some rank printed ``step {at_step}`` (as Ctrl-C would)."""
-    needle = f"] step {at_step} "
+def _when_line(launcher, lines, start, trigger, fault_at):
+    """Call ``trigger[1]()`` once a line holding ``trigger[0]`` appears (e.g. SIGTERM as Ctrl-C)."""
+    needle, action = trigger
     while launcher.poll() is None:
         if any(needle in line for _, _, line in list(lines)):
             fault_at[0] = time.monotonic() - start
-            launcher.send_signal(signal.SIGTERM)
+            action()
             return
         time.sleep(0.02)
 
