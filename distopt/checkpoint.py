@@ -283,6 +283,12 @@ def _sharded_state(path, manifest, optimizer, rank):
 
 def _mlx_state(path, manifest, optimizer):
     """The ``mlx.optimizers`` state tree (per-parameter dicts) from the saved shards."""
+    return {"mlx_layout": tree_unflatten(mlx_state_items(path, manifest))}
+
+
+def mlx_state_items(path, manifest):
+    """``[(key, array)]`` of the full state in ``mlx.optimizers`` layout, flattened
+    (``"step"``, ``"learning_rate"``, ``"layers.0.weight.m"``, ...), from every saved shard."""
     buffers = {n: (d, [(p, 0, _numel(s)) for p, s, _ in d["entries"]]) for n, d in manifest["buffers"].items()}
     rebuilt = _rebuild(path, manifest, buffers)
     items = list(rebuilt["globals"].items())
@@ -290,7 +296,7 @@ def _mlx_state(path, manifest, optimizer):
         for p, shape, offset in manifest["buffers"][name]["entries"]:
             for key, flat in keys.items():
                 items.append((f"{p}.{key}", flat[offset : offset + _numel(shape)].reshape(shape)))
-    return {"mlx_layout": tree_unflatten(items)}
+    return items
 
 
 def _rebuild(path, manifest, buffers):

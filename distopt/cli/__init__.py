@@ -2,6 +2,7 @@
 
 import click
 
+from .ckpt import ckpt_command
 from .launch import launch_command
 from .plan import plan_command
 
@@ -12,4 +13,5 @@ def main():
 
 
 main.add_command(launch_command)
+main.add_command(ckpt_command)
 main.add_command(plan_command)

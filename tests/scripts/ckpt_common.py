@@ -30,7 +30,7 @@ def make_optimizer(name, plain=False, **extra):
     kwargs = {**kwargs, **{k: v for k, v in extra.items() if k not in ("bucket_bytes",)}}
     if plain:
         return plain_cls(**kwargs)
-    return dist_cls(**kwargs, bucket_bytes=extra.get("bucket_bytes", 96))
+    return dist_cls(**kwargs, bucket_bytes=extra.get("bucket_bytes", 400))
 
 
 class Net(nn.Module):

@@ -1,8 +1,10 @@
 """Rank script for tests/test_checkpoint.py; prints one ``CKPT {json}`` line per check.
 
-    ckpt_ranks.py save ROOT          train K steps, save ROOT/<opt>, reload here, J more steps
-    ckpt_ranks.py resume ROOT...     load ROOT/<opt> (saved at any N), J more steps
-    ckpt_ranks.py bad CASES.json     every bad checkpoint raises CheckpointError, nothing changes
+    ckpt_ranks.py save=ROOT          train K steps, save ROOT/<opt>, reload here, J more steps
+    ckpt_ranks.py resume=ROOT        load ROOT/<opt> (saved at any N), J more steps
+    ckpt_ranks.py bad=CASES.json     every bad checkpoint raises CheckpointError, nothing changes
+
+Several commands may follow each other in one launch.
 
 Every resumed run must equal the uninterrupted plain mlx.optimizers run bit for bit.
 """
@@ -43,20 +45,25 @@ def save(root):
 
 
 def snapshot(model, opt):
-    state = full_state(opt)
-    mx.eval(state)
-    return {k: mx.array(v) for k, v in tree_flatten([model.parameters(), state])}
+    """This rank's own parameters and optimizer state (its shards), copied."""
+    flat = tree_flatten([model.parameters(), opt.state])
+    mx.eval([v for _, v in flat])
+    return {k: mx.array(v) for k, v in flat}
 
 
 def bad(cases_file):
+    """One model and optimizer per configuration, trained one step, reused: a failed load changes nothing."""
+    built = {}
     for case in json.load(open(cases_file)):
-        extra = {"betas": case["betas"]} if "betas" in case else {}
-        model = make_model(hidden=case.get("hidden", 13))
-        if case.get("extra_param"):
-            model.extra = mx.zeros((2,))
-        opt = make_optimizer(case.get("optimizer", "adamax"), **extra)
-        train(model, opt, 0, 1)
-        before = snapshot(model, opt)
+        config = (case.get("optimizer", "adamax"), tuple(case.get("betas", ())), case.get("hidden", 13), case.get("extra_param", False))
+        if config not in built:
+            model = make_model(hidden=config[2])
+            if config[3]:
+                model.extra = mx.zeros((2,))
+            opt = make_optimizer(config[0], bucket_bytes=4096, **({"betas": list(config[1])} if config[1] else {}))
+            train(model, opt, 0, 1)
+            built[config] = (model, opt, snapshot(model, opt))
+        model, opt, before = built[config]
         try:
             distopt.load_checkpoint(case["dir"], model, opt)
             error = None
@@ -68,13 +75,13 @@ def bad(cases_file):
 
 
 if __name__ == "__main__":
-    mode, args = sys.argv[1], sys.argv[2:]
-    if mode == "save":
-        save(args[0])
-    elif mode == "resume":
-        for root in args:
+    for command in sys.argv[1:]:
+        mode, arg = command.split("=", 1)
+        if mode == "save":
+            save(arg)
+        elif mode == "resume":
             for name in NAMES:
-                resume(root, name, bucket_bytes=64)
-    elif mode == "bad":
-        bad(args[0])
+                resume(arg, name, bucket_bytes=256)
+        elif mode == "bad":
+            bad(arg)
     report(check="done", rank=group.rank(), size=group.size())

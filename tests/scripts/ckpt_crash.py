@@ -1,0 +1,22 @@
+"""Rank script: resume ROOT if it has a checkpoint, train one step, save (may be told to crash).
+
+    ckpt_crash.py ROOT [KEEP_LAST]      (DISTOPT_CKPT_CRASH=point[:rank] makes the save die)
+"""
+
+import sys
+
+import distopt
+from ckpt_common import make_model, make_optimizer, train
+
+root = sys.argv[1]
+keep_last = int(sys.argv[2]) if len(sys.argv) > 2 else None
+group = distopt.init()
+model, opt = make_model(), make_optimizer("adamax")
+try:
+    distopt.load_checkpoint(root, model, opt)
+except distopt.CheckpointError as e:
+    print(f"fresh start: {e}", flush=True)
+step = int(opt.step.item())
+train(model, opt, step, step + 1)
+path = distopt.save_checkpoint(root, model, opt, keep_last=keep_last)
+print(f"SAVED {path}", flush=True)
