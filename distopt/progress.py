@@ -194,6 +194,8 @@ class _Prefixed:
 
 
 def _fmt(value):
+    if hasattr(value, "item"):  # an mx.array or NumPy scalar
+        value = value.item()
     return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
