@@ -6,6 +6,7 @@ messages (``all_gather_object``) are msgpack bytes carried by MLX's own ``all_ga
 nothing is pickled.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def detect_backend(environ=None):
     env = os.environ if environ is None else environ
     if env.get("DISTOPT_BACKEND") in BACKENDS[1:]:
         return env["DISTOPT_BACKEND"]
+    if env.get("DISTOPT_BACKEND"):
+        raise ValueError(f"DISTOPT_BACKEND={env['DISTOPT_BACKEND']!r} is not a backend; expected one of {', '.join(BACKENDS[1:])}.")
     if "OMPI_COMM_WORLD_SIZE" in env or "PMIX_RANK" in env:
         return "mpi"
     if "MLX_JACCL_COORDINATOR" in env or "JACCL_COORDINATOR" in env:
@@ -81,8 +84,10 @@ def init(backend="auto", timeout=None):
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
     chosen = detect_backend() if backend == "auto" else backend
-    if chosen is None:
-        group = mx.distributed.init()
+    if chosen is None or _launched_alone(chosen):
+        if chosen == "mpi":
+            from mpi4py import MPI  # noqa: F401  (mpirun expects MPI_Init and MPI_Finalize, even alone)
+        group = mx.distributed.init(backend="ring")  # without a ring hostfile: a group of one
         _backend_by_group[id(group)] = "single" if group.size() == 1 else "any"
         return group
     if chosen == "mpi" and "MLX_MPI_LIBNAME" not in os.environ:
@@ -101,6 +106,18 @@ def init(backend="auto", timeout=None):
     _backend_by_group[id(group)] = chosen
     watchdog.joined(group, chosen)
     return group
+
+
+def _launched_alone(backend):
+    """True when a launcher started this job with a single rank: no backend is needed."""
+    if backend == "mpi":
+        return os.environ.get("OMPI_COMM_WORLD_SIZE") == "1"
+    if backend == "ring" and os.environ.get("MLX_HOSTFILE"):
+        try:
+            return len(json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())) == 1
+        except (OSError, ValueError, TypeError):
+            return False
+    return os.environ.get("MLX_WORLD_SIZE") == "1"
 
 
 def backend_of(group):

