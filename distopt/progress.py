@@ -7,8 +7,10 @@ loss, the throughput, the mean step time and the bytes this rank moved per step:
 
 On a terminal the bar redraws in place and a line is kept every ``every`` steps; when
 the output is a file or a pipe (a launcher, a log), only the kept lines are written,
-one per line, so logs stay short and easy to parse. ``DISTOPT_PROGRESS=lines`` (or
-``bar``) overrides the choice, e.g. under ``mpirun``, which gives ranks a pseudo-terminal.
+one per line, so logs stay short and easy to parse. Under ``distopt launch``, which
+tags each rank's output line by line, kept lines are always used. ``DISTOPT_PROGRESS=lines``
+(or ``bar``) overrides the choice, e.g. under a bare ``mpirun``, which gives ranks a
+pseudo-terminal even when its own output is a file.
 
 :func:`show_rank_errors` makes an uncaught exception on any rank print its traceback
 prefixed with ``[rank r]``, so the failing rank is obvious in mixed output.
@@ -204,7 +206,7 @@ def _wants_bar(stream):
     choice = os.environ.get("DISTOPT_PROGRESS", "").lower()
     if choice in ("bar", "lines"):
         return choice == "bar"
-    if os.environ.get("TERM") == "dumb":
+    if "DISTOPT_BACKEND" in os.environ or os.environ.get("TERM") == "dumb":  # distopt launch tags lines
         return False
     try:
         return stream.isatty()

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 import distopt
-from common import global_mean, load, local_rows, parser, progress_for, save, setup
+from common import global_mean, local_rows, parser, progress_for, resume, save, setup
 
 CORPUS = Path(__file__).parent / "data" / "shakespeare.txt"
 
@@ -110,7 +110,7 @@ def main():
     optimizer = distopt.Adamax(learning_rate=args.lr)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    start = load(args.checkpoint_dir, model, optimizer) if args.resume else 0
+    start = resume(args, model, optimizer)
     progress = progress_for(args, group, optimizer, start)
     n_params = sum(v.size for _, v in nn.utils.tree_flatten(model.parameters()))
     progress.log(
@@ -129,7 +129,7 @@ def main():
         if args.checkpoint_dir and args.save_every and step % args.save_every == 0:
             save(args.checkpoint_dir, step, model, optimizer)
     progress.close()
-    if args.checkpoint_dir and args.steps > start:
+    if args.checkpoint_dir and args.steps > start and not (args.save_every and args.steps % args.save_every == 0):
         save(args.checkpoint_dir, args.steps, model, optimizer)
 
     inputs, targets = batch(valid, 0, 64, args.context, args.seed)

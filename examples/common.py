@@ -30,7 +30,10 @@ def parser(description, steps, batch_size, lr):
     p.add_argument("--log-every", type=int, default=10, help="print a line every this many steps (default 10)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="save a checkpoint here at the end (and every --save-every steps)")
     p.add_argument("--save-every", type=int, default=0, help="also save every this many steps (default: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --checkpoint-dir, or from CHECKPOINT (a checkpoint folder)",
+    )
     return p
 
 
@@ -40,8 +43,8 @@ def setup(args):
     show_rank_errors(group.rank())
     if args.batch_size % group.size():
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({group.size()}).")
-    if args.resume and args.checkpoint_dir is None:
-        raise SystemExit("--resume needs --checkpoint-dir.")
+    if args.resume is True and args.checkpoint_dir is None:
+        raise SystemExit("--resume needs --checkpoint-dir, or a checkpoint: --resume DIR.")
     return group, args.batch_size // group.size()
 
 
@@ -83,14 +86,17 @@ class _Lazy:
         return t.total_received() if t else 0
 
 
-def save(directory, step, model, optimizer, keep_last=2):
+def save(directory, step, model, optimizer, keep_last=3):
     """Save the model, the optimizer state and the step under ``directory`` (collective)."""
     distopt.save_checkpoint(directory, model, optimizer, step=step, metadata={"step": step}, keep_last=keep_last)
 
 
-def load(directory, model, optimizer):
-    """Load the latest checkpoint under ``directory`` into ``model`` and ``optimizer``; return its step.
+def resume(args, model, optimizer):
+    """The step to start from: 0, or that of the checkpoint ``--resume`` names, loaded (collective).
 
-    A checkpoint saved by any number of ranks loads at this one (collective).
+    A checkpoint saved by any number of ranks loads at this one.
     """
+    if not args.resume:
+        return 0
+    directory = args.checkpoint_dir if args.resume is True else args.resume
     return distopt.load_checkpoint(directory, model, optimizer)["step"]

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 import distopt
 from charlm import CharLM, batch, generate, load_corpus
-from common import global_mean, load, local_rows, parser, progress_for, save, setup
+from common import global_mean, local_rows, parser, progress_for, resume, save, setup
 
 
 def weights_file(path):
@@ -86,7 +86,7 @@ def main():
     optimizer = distopt.Adamax(learning_rate=args.lr, master_weights=True, max_norm=args.max_norm)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    start = load(args.checkpoint_dir, model, optimizer) if args.resume else 0
+    start = resume(args, model, optimizer)
     progress = progress_for(args, group, optimizer, start)
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     progress.log(
@@ -103,7 +103,7 @@ def main():
         if args.checkpoint_dir and args.save_every and step % args.save_every == 0:
             save(args.checkpoint_dir, step, model, optimizer)
     progress.close()
-    if args.checkpoint_dir and args.steps > start:
+    if args.checkpoint_dir and args.steps > start and not (args.save_every and args.steps % args.save_every == 0):
         save(args.checkpoint_dir, args.steps, model, optimizer)
     if args.sample:
         progress.log("sample:\n" + generate(model, vocab, "MACBETH.\n", args.sample, seed=args.seed))

@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 import distopt
-from common import global_mean, load, local_rows, parser, progress_for, save, setup
+from common import global_mean, local_rows, parser, progress_for, resume, save, setup
 
 
 class MLP(nn.Module):
@@ -68,7 +68,7 @@ def main():
     optimizer = distopt.Adamax(learning_rate=args.lr)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    start = load(args.checkpoint_dir, model, optimizer) if args.resume else 0
+    start = resume(args, model, optimizer)
     data = batches(x, y, args.batch_size, args.seed)
     for _ in range(start):  # skip the batches already trained on
         next(data)
@@ -85,7 +85,7 @@ def main():
         if args.checkpoint_dir and args.save_every and step % args.save_every == 0:
             save(args.checkpoint_dir, step, model, optimizer)
     progress.close()
-    if args.checkpoint_dir and args.steps > start:
+    if args.checkpoint_dir and args.steps > start and not (args.save_every and args.steps % args.save_every == 0):
         save(args.checkpoint_dir, args.steps, model, optimizer)
 
     accuracy = mx.mean(mx.argmax(model(mx.array(x[:2048])), axis=1) == mx.array(y[:2048])).item()
