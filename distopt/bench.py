@@ -721,7 +721,7 @@ def _mib(x):
 def _size_name(n):
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
-            return f"{n / scale:g}{unit}"
+            return f"{n / scale:.3g}{unit}"
     return str(n)
 
 
@@ -763,7 +763,7 @@ def format_table(result):
 
 
 def plot(result, path):
-    """A bar chart of step time (forward+backward and optimizer parts) per method."""
+    """Step time per method (light: forward+backward, dark: optimizer step), one panel per model."""
     try:
         import matplotlib
 
@@ -771,28 +771,21 @@ def plot(result, path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'distopt[bench]' (or pip install matplotlib).") from None
-    groups = sorted({(r["model"], r["params"], r["ranks"]) for r in result["rows"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
-    width = 0.8 / len(METHODS)
+    panels = sorted({(r["model"], r["size"]) for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
     colors = dict(zip(METHODS, ("#999999", "#d62728", "#1f77b4", "#17becf", "#ff7f0e")))
-    for j, method in enumerate(METHODS):
-        xs, fb, opt = [], [], []
-        for i, g in enumerate(groups):
-            r = next((r for r in result["rows"] if (r["model"], r["params"], r["ranks"]) == g and r["method"] == method), None)
-            if r:
-                xs.append(i + (j - len(METHODS) / 2 + 0.5) * width)
-                fb.append(r["fb_ms"])
-                opt.append(max(r["opt_ms"], 0))
-        if xs:
-            ax.bar(xs, fb, width, color=colors[method], alpha=0.45)
-            ax.bar(xs, opt, width, bottom=fb, color=colors[method], label=method)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{m}\n{_size_name(p)}, N={n}" for m, p, n in groups], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("step time, ms (light: forward+backward; dark: optimizer step)")
+    for ax, (model, size) in zip(axes[0], panels):
+        rows = sorted((r for r in result["rows"] if (r["model"], r["size"]) == (model, size)),
+                      key=lambda r: (r["ranks"], METHODS.index(r["method"])))  # fmt: skip
+        labels = [f"{r['method']}\nN={r['ranks']}" for r in rows]
+        fb = [r["fb_ms"] for r in rows]
+        ax.bar(labels, fb, color=[colors[r["method"]] for r in rows], alpha=0.4)
+        ax.bar(labels, [max(r["opt_ms"], 0) for r in rows], bottom=fb, color=[colors[r["method"]] for r in rows])
+        ax.set_title(f"{model} {_size_name(size)}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=6, rotation=90)
+    axes[0][0].set_ylabel("step ms (light: fwd+bwd, dark: optimizer)")
     meta = result["meta"]
-    ax.set_title(f"distopt bench, {meta['date']}, {meta['device']}, commit {meta['commit']}", fontsize=9)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"distopt bench {meta['date']}, {meta['device']} ({meta['backend']}), commit {meta['commit']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -2,7 +2,9 @@
 
 import click
 
+from .bench import bench_command
 from .ckpt import ckpt_command
+from .doctor import doctor_command
 from .launch import launch_command
 from .plan import plan_command
 
@@ -14,4 +16,6 @@ def main():
 
 main.add_command(launch_command)
 main.add_command(ckpt_command)
+main.add_command(doctor_command)
 main.add_command(plan_command)
+main.add_command(bench_command)
