@@ -22,6 +22,8 @@ def settings(name):
     return {
         "adamax": (optim.Adamax, distopt.Adamax, dict(learning_rate=SCHEDULE, betas=[0.8, 0.99], eps=1e-6)),
         "sgd": (optim.SGD, distopt.SGD, dict(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        # fp32 master shards of the bfloat16 parameter: state keys m, v and "master"; no plain MLX twin
+        "master": (None, distopt.Adamax, dict(learning_rate=0.01, master_weights=True, skip_nonfinite=True)),
     }[name]
 
 
@@ -80,10 +82,17 @@ def train(model, opt, start, stop):
 
 
 def reference(name, steps=K + J):
-    """The uninterrupted run: plain mlx.optimizers, one process."""
-    model, opt = make_model(), make_optimizer(name, plain=True)
+    """The uninterrupted run: ``(model, state in mlx layout, fp32 masters)``.
+
+    Plain mlx.optimizers on one process; for "master", which MLX lacks, distopt at this
+    world size (its math does not depend on the world size).
+    """
+    model, opt = make_model(), make_optimizer(name, plain=name != "master")
     train(model, opt, 0, steps)
-    return model, opt
+    state = full_state(opt)
+    masters = opt.master_parameters() if name == "master" else {}
+    mx.eval(state, masters)
+    return model, state, masters
 
 
 def full_state(opt):
@@ -91,11 +100,15 @@ def full_state(opt):
     return opt.consolidated_state() if isinstance(opt, distopt.ShardedOptimizer) else opt.state
 
 
-def differences(model, state, ref_model, ref_state):
-    """Names of the parameters and state leaves that are not bit-for-bit equal to the reference."""
-    mx.eval(state)  # a sharded optimizer's consolidated state is lazy collectives: evaluate on every rank
+def differences(model, opt, ref):
+    """Names of the parameters, state leaves and masters that are not bit-for-bit equal to ``ref``."""
+    ref_model, ref_state, ref_masters = ref
+    state = full_state(opt)
+    masters = opt.master_parameters() if ref_masters else {}
+    mx.eval(state, masters)  # a sharded optimizer's consolidated state is lazy collectives: evaluate on every rank
     bad = []
-    for prefix, a, b in (("param:", model.parameters(), ref_model.parameters()), ("state:", state, ref_state)):
+    pairs = (("param:", model.parameters(), ref_model.parameters()), ("state:", state, ref_state), ("master:", masters, ref_masters))
+    for prefix, a, b in pairs:
         fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
         if fa.keys() != fb.keys():
             bad.append(f"{prefix}keys {sorted(set(fa) ^ set(fb))}")
