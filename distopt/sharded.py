@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import precision, watchdog
+from . import precision, validate, watchdog
 from .comm import Traffic, make_communicator, traced
 from .group import DistoptError, all_gather_object, init
 from .layout import DEFAULT_BUCKET_BYTES, FlatLayout
@@ -90,6 +90,7 @@ class ShardedOptimizer(optim.Optimizer):
             )
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
+        validate.check_learning_rate(optimizer.state.get("learning_rate"))
         self.precision = precision.Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
         super().__init__()
         self.inner = optimizer
@@ -130,6 +131,15 @@ class ShardedOptimizer(optim.Optimizer):
     @property
     def state(self):
         return self._state if self.sharded else self.inner.state
+
+    @property
+    def learning_rate(self):
+        return self.state["learning_rate"]
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        validate.check_learning_rate(learning_rate)
+        self.state["learning_rate"] = mx.array(learning_rate)
 
     @state.setter
     def state(self, state):
@@ -200,8 +210,9 @@ class ShardedOptimizer(optim.Optimizer):
 
     def _init_lazily(self, gradients, parameters):
         """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""
-        first = next(v for _, v in tree_flatten(gradients) if isinstance(v, mx.array))
-        if _tracing(first):
+        validate.check_gradients(gradients, parameters)
+        first = next((v for _, v in tree_flatten(gradients) if isinstance(v, mx.array)), None)
+        if first is not None and _tracing(first):
             raise DistoptError(
                 "The optimizer must be initialized before its step is compiled: call "
                 "opt.init(model.trainable_parameters()) before mx.compile(...)."
@@ -241,9 +252,9 @@ class ShardedOptimizer(optim.Optimizer):
                 flat = flat.astype(reduce_dtype)
             parts.append(self.comm.reduce_scatter(flat, bucket))
             if self.stage == 2:
-                # Frees the flat bucket before the next one is built. traced() evaluates
+                # Frees the flat bucket before the next one is built. _tracing() evaluates
                 # it now, except under mx.compile, where nothing can be evaluated.
-                traced(parts[-1])
+                _tracing(parts[-1])
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
     def _gather(self, shard, name):
@@ -366,7 +377,7 @@ def _tracing(x):
     """True inside ``mx.compile``, where ``x`` cannot be evaluated (evaluates it otherwise)."""
     try:
         return traced(x)
-    except RuntimeError as e:  # an input the compiled function did not capture
+    except RuntimeError as e:  # x depends on a compile input placeholder
         if "without a primitive" in str(e):
             return True
         raise
@@ -401,6 +412,10 @@ def _first_difference(reference, other):
         if a != b:
             return f"parameter '{path}' is {b[1]} {b[2]} there but {a[1]} {a[2]} on rank 0"
     for key, value in reference["settings"].items():
-        if other["settings"].get(key) != value:
-            return f"optimizer setting '{key}' is {other['settings'].get(key)!r} there but {value!r} on rank 0"
+        theirs = other["settings"].get(key)
+        if theirs != value and isinstance(value, dict) and isinstance(theirs, dict):  # name the hyperparameter
+            key = next(k for k in {**value, **theirs} if value.get(k) != theirs.get(k))
+            value, theirs = value.get(key), theirs.get(key)
+        if theirs != value:
+            return f"optimizer setting '{key}' is {theirs!r} there but {value!r} on rank 0"
     return ""
