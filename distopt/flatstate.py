@@ -128,6 +128,8 @@ class SavedBuffer:
                     pos, length = pos + n, length - n
                     break
                 lo += count
+            else:
+                raise CheckpointError(f"Flat position {pos} lies in no saved shard.")
         return runs
 
 

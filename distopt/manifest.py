@@ -149,6 +149,8 @@ def validate(m):
         raise ValueError(f"'shards' lists {len(shards)} files for {num_shards} shards")
     for name in shards:
         _known_file(files, name)
+    if len(set(shards)) != len(shards) or m["model"]["file"] in shards:
+        raise ValueError("'shards' names a file twice")
     for name, buf in _expect(m["buffers"], dict, "'buffers'").items():
         _dtype(name)
         _validate_buffer(name, buf, num_shards)

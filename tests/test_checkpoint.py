@@ -144,6 +144,14 @@ def test_inspect(saved):
     assert run.returncode == 0 and "optimizer   SGD " in run.stdout, run.stderr
 
 
+def test_inspect_flags_a_corrupted_file(bad_cases):
+    base, _ = bad_cases
+    result = CliRunner().invoke(cli, ["ckpt", "inspect", str(base / "altered")])
+    assert result.exit_code == 1
+    assert "optimizer-00001-of-00002.safetensors does not match its sha256" in result.output
+    assert "model.safetensors" in result.output and result.output.count("  ok") == 2
+
+
 def make_bad_cases(good, base):
     """Copies of the N=2 Adamax checkpoint root, each broken in one way: [(case, expected message)]."""
     cases = []
