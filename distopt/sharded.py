@@ -200,10 +200,11 @@ class ShardedOptimizer(optim.Optimizer):
         hyper = {k: self._state[k] for k in HYPER_KEYS if k in self._state}
         full = {}
         for name, buf in self.layout.buffers.items():
-            state = {k: v for k, v in shards[name].items() if k != "master"}
-            param = shards[name]["master"] if "master" in shards[name] else self.layout.shard(parameters, name, self.group.rank())
+            state = dict(shards[name])
+            master = state.pop("master", None)
+            param = master if master is not None else self.layout.shard(parameters, name, self.group.rank())
             param, state = self._kernel(hyper, grads[name], param, state, coefficient, ok)
-            shards[name] = {**state, "master": param} if "master" in shards[name] else state
+            shards[name] = state if master is None else {**state, "master": param}
             # 4. Gather the updated parameters, in the model's dtype.
             full[name] = self._gather(param.astype(buf.dtype), name)
         return self.layout.unflatten(full)

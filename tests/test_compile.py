@@ -3,7 +3,8 @@ under ``mx.compile``, as mlx-lm compiles its step, equals the eager step bitwise
 
 2 real ranks on ring and MPI; configurations in tests/scripts/compile_step.py: stage 1,
 stage 2 with many small buckets and a schedule, and bf16 with fp32 master shards,
-clipping and a non-finite batch on rank 1 that both runs skip.
+clipping and a non-finite batch on rank 1 that both runs skip; and 3-step gradient
+accumulation with clipping, compiled as two functions (accumulate, release + update).
 """
 
 import json
@@ -12,7 +13,7 @@ import math
 import pytest
 from helpers import rank_lines, run_ranks
 
-CONFIGS = ["adamax_stage1", "adamax_stage2_buckets_schedule", "bf16_master_clip_skip"]
+CONFIGS = ["adamax_stage1", "adamax_stage2_buckets_schedule", "bf16_master_clip_skip", "accumulate_3_clip"]
 
 
 @pytest.mark.parametrize("backend", ["ring", "mpi"])

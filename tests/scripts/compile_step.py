@@ -66,6 +66,47 @@ def train(dtype, kwargs, group, compiled):
     return model.parameters(), opt.state, losses, opt
 
 
+def train_accumulated(group, compiled, k=3):
+    """GradientAccumulator: eager ``add`` vs compiled ``accumulate`` / ``release`` functions."""
+    rank = group.rank()
+    mx.random.seed(0)
+    model = Net()
+    opt = distopt.Adamax(0.01, group=group, max_norm=0.5)
+    opt.init(model.trainable_parameters())
+    acc = distopt.GradientAccumulator(k)
+    acc.init(model.trainable_parameters())
+    grad_fn = nn.value_and_grad(model, loss_fn)
+
+    def micro(x, y):
+        loss, grads = grad_fn(model, x, y)
+        acc.accumulate(grads)
+        return loss
+
+    def last(x, y):
+        loss, grads = grad_fn(model, x, y)
+        opt.update(model, acc.release(grads))
+        return loss
+
+    if compiled:
+        micro = partial(mx.compile, inputs=[model.state, acc.state], outputs=[model.state, acc.state])(micro)
+        both = [model.state, opt.state, acc.state]
+        last = partial(mx.compile, inputs=both, outputs=both)(last)
+    losses = []
+    for i in range(STEPS * k):
+        mx.random.seed(300 + 7 * i + rank)
+        x, y = mx.random.normal((4, 9)), mx.random.normal((4, 5))
+        if compiled:
+            loss = (last if i % k == k - 1 else micro)(x, y)
+        else:
+            loss, grads = grad_fn(model, x, y)
+            grads = acc.add(grads)
+            if grads is not None:
+                opt.update(model, grads)
+        mx.eval(loss, model.parameters(), opt.state, acc.state)
+        losses.append(loss.item())
+    return model.parameters(), opt.state, losses, opt
+
+
 def compare(a, b):
     fa, fb = tree_flatten(a), tree_flatten(b)
     if [k for k, _ in fa] != [k for k, _ in fb]:
@@ -76,9 +117,13 @@ def compare(a, b):
 
 def main():
     group = distopt.init()
-    for name, (dtype, kwargs) in CONFIGS.items():
-        params, state, losses, opt = train(dtype, kwargs, group, compiled=False)
-        c_params, c_state, c_losses, c_opt = train(dtype, kwargs, group, compiled=True)
+    for name in [*CONFIGS, "accumulate_3_clip"]:
+        if name in CONFIGS:
+            params, state, losses, opt = train(*CONFIGS[name], group, compiled=False)
+            c_params, c_state, c_losses, c_opt = train(*CONFIGS[name], group, compiled=True)
+        else:
+            params, state, losses, opt = train_accumulated(group, compiled=False)
+            c_params, c_state, c_losses, c_opt = train_accumulated(group, compiled=True)
         params_equal, params_diff = compare(params, c_params)
         state_equal, state_diff = compare(state, c_state)
         result = {
