@@ -56,7 +56,7 @@ def loss_fn(model, x, y):
 
 
 def main():
-    p = parser(__doc__.split("\n")[0], steps=300, batch_size=256, lr=3e-3)
+    p = parser(__doc__.split("\n")[0], steps=200, batch_size=256, lr=3e-3)
     p.add_argument("--hidden", type=int, default=128, help="hidden width (default 128)")
     args = p.parse_args()
     group, _ = setup(args)
