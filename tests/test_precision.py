@@ -181,3 +181,19 @@ def test_bad_accumulation_and_loss_scale_arguments():
         distopt.GradientAccumulator(0)
     with pytest.raises(ValueError, match="growth_interval must be a positive integer"):
         distopt.DynamicLossScale(growth_interval=0)
+
+
+def test_clipping_and_skip_at_three_ranks_on_mpi():
+    # Odd N: padded shards, a three-way sum ordered differently from the reference's all_sum.
+    code, out, err = run_ranks(3, "precision_checks.py", "clip,skip", backend="mpi", timeout=150)
+    assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    results = [json.loads(line[6:]) for rank in range(3) for line in rank_lines(out, rank) if line.startswith("CHECK ")]
+    assert sorted((r["check"], r["rank"]) for r in results) == sorted([(c, r) for c in ("clip", "skip") for r in range(3)] * 2)
+    for r in results:
+        assert r["size"] == 3
+        if r["check"] == "clip":
+            assert r["any_clipped"] and all(math.isclose(a, b, rel_tol=1e-6) for a, b in r["norms"]), r["norms"]
+            assert r["params_max_diff"] < 1e-6 and r["state_max_diff"] < 1e-6, r
+        else:
+            assert r["skipped_steps"] == 1 and r["step"] == 4, r
+            assert r["params_unchanged"] and r["state_unchanged"] and r["then_equal_to_run_without_that_batch"], r
