@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -609,6 +610,7 @@ def merge_ranks(per_rank):
 def run_bench(opts, log=print):
     """Run every method, model, size and rank count in ``opts``; return the result dict."""
     jobs = [(kind, parse_size(s)) for kind in opts.models for s in opts.sizes]
+    jobs = [(kind, n) for kind, n in jobs if kind != "transformer" or n <= opts.lm_max]
     base = {"batch": opts.batch, "lm_batch": opts.lm_batch, "seq": opts.seq, "repeats": opts.repeats, "warmup": opts.warmup, "device": opts.device}
     methods = [m for m in opts.methods if m != "single"]
     torch_ok = "torch_zero" in methods and _has_torch()
@@ -801,6 +803,7 @@ def parser():
     p.add_argument("--ranks", default="2,4", help="rank counts for the distributed methods")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     p.add_argument("--max-params", default="4:20M,8:20M", help="largest size per rank count, e.g. 4:20M")
+    p.add_argument("--lm-max", default=None, help="largest transformer size (default 20M on CPU: the 100M one takes ~10 s a step on 2 cores)")
     p.add_argument("--backend", default="ring", choices=("ring", "mpi", "nccl"))
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--batch", type=int, default=None, help="MLP rows per rank (default 16 on CPU, 256 on GPU)")
@@ -834,6 +837,7 @@ def resolve(opts):
         raise ValueError(f"Unknown method {bad[0]!r}; choose from {', '.join(METHODS)}.")
     opts.max_params = {int(k): parse_size(v) for k, v in (item.split(":") for item in opts.max_params.split(",") if item)}
     opts.throughput = parse_size(opts.throughput)
+    opts.lm_max = parse_size(opts.lm_max) if opts.lm_max else (math.inf if opts.device == "gpu" else 20_000_000)
     gpu = opts.device == "gpu"
     opts.batch = opts.batch or (256 if gpu else 16)
     opts.lm_batch = opts.lm_batch or (8 if gpu else 2)
@@ -845,6 +849,7 @@ def resolve(opts):
 
 def main(argv=None):
     opts = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that running ranks are stopped too
     if opts.worker:
         return _worker_main(opts.worker)
     try:
