@@ -848,6 +848,7 @@ def resolve(opts):
 
 
 def main(argv=None):
+    """Entry point of ``python -m distopt.bench`` (see ``--help``); returns the exit code."""
     opts = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that running ranks are stopped too
     if opts.worker:

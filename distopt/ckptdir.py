@@ -40,6 +40,7 @@ def fsync_dir(path):
 
 
 def fsync_file(path):
+    """Flush the file at ``path`` to disk (``fsync``), so a later rename publishes its data."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

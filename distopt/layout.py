@@ -57,9 +57,11 @@ class Buffer:
 
     @property
     def name(self):
+        """The buffer's dtype name, e.g. ``"float32"`` (its key in the optimizer state)."""
         return dtype_name(self.dtype)
 
     def shard_size(self, rank):
+        """Elements of this buffer that ``rank`` owns: its part of every bucket."""
         return sum(b.counts[rank] for b in self.buckets)
 
     def shard_ranges(self, rank):

@@ -64,6 +64,7 @@ def describe_file(path):
 
 
 def pack(manifest):
+    """The manifest dict as msgpack bytes."""
     return msgpack.packb(manifest, use_bin_type=True)
 
 

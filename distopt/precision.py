@@ -82,6 +82,7 @@ class Precision:
 
     @property
     def dynamic(self):
+        """True when the loss scale is a :class:`DynamicLossScale`."""
         return isinstance(self.loss_scale, DynamicLossScale)
 
     @property

@@ -130,10 +130,13 @@ class ShardedOptimizer(optim.Optimizer):
 
     @property
     def state(self):
+        """The optimizer state: ``step``, ``learning_rate`` and this rank's flat ``shards``
+        (or, unsharded, the inner optimizer's own state)."""
         return self._state if self.sharded else self.inner.state
 
     @property
     def learning_rate(self):
+        """The current learning rate (an array); settable, as in ``mlx.optimizers``."""
         return self.state["learning_rate"]
 
     @learning_rate.setter
@@ -394,9 +397,11 @@ class SingleRankComm:
         self.traffic = Traffic()
 
     def reduce_scatter(self, flat, bucket):
+        """``flat`` itself: the sum over one rank."""
         return flat
 
     def all_gather(self, part, bucket):
+        """``part`` itself: the whole buffer."""
         return part
 
 
