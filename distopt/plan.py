@@ -18,6 +18,10 @@ otherwise, and the reduce buffers :math:`R` are the flat gradient buckets: all o
 figures of :meth:`ShardedOptimizer.memory_report`; activations are not included.
 """
 
+import json
+import math
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -62,8 +66,9 @@ def plan(
     """Bytes per rank to train a model with a sharded optimizer, at stage 1 and 2.
 
     Args:
-        model_or_param_count: an ``mlx.nn.Module``, a tree of parameters, or a number
-          of parameters (e.g. ``7e9``).
+        model_or_param_count: an ``mlx.nn.Module``, a tree of parameters, a number
+          of parameters (e.g. ``7e9``), or ``{dtype: count}`` (e.g. from
+          :func:`safetensors_sizes`, to plan a checkpoint without loading it).
         optimizer: a name (``"adamax"``, ``"adam"``, ``"sgd"``, ...), an
           ``mlx.optimizers`` optimizer or a :class:`ShardedOptimizer`.
         dtype: the parameters' dtype (``"bfloat16"``, ``"bf16"``, ``mx.float16``, ...).
@@ -138,6 +143,8 @@ def _scalar_bytes(options):
 def _buffer_sizes(source, dtype):
     """``{dtype: number of parameters}`` of a model, a parameter tree or a count."""
     cast = _dtype(dtype) if dtype is not None else None
+    if isinstance(source, dict) and source and all(isinstance(k, mx.Dtype) for k in source):
+        return {cast: sum(source.values())} if cast else dict(source)  # {dtype: count}, e.g. safetensors_sizes
     if isinstance(source, (int, float)):
         if source < 1 or source != int(source):
             raise ValueError(f"The parameter count must be a positive whole number, got {source!r}.")
@@ -150,6 +157,40 @@ def _buffer_sizes(source, dtype):
             sizes[key] = sizes.get(key, 0) + leaf.size
     if not sizes:
         raise ValueError("The model has no trainable parameters: there is nothing to plan.")
+    return sizes
+
+
+SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}
+
+
+def safetensors_sizes(paths):
+    """``{dtype: number of parameters}`` read from the headers of safetensors files.
+
+    Only each file's JSON header is read (its first ``8 + n`` bytes), so a model of any
+    size is planned without loading it. A directory means all its ``*.safetensors``.
+    """
+    files = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"No .safetensors files in {', '.join(map(str, paths))}.")
+    sizes = {}
+    for file in files:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= 100 * 1024**2:
+                raise ValueError(f"{file} is not a safetensors file (header length {length}).")
+            try:
+                header = json.loads(f.read(length))
+            except ValueError:
+                raise ValueError(f"{file} is not a safetensors file (its header is not JSON).") from None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{file}: tensor '{name}' has dtype {info.get('dtype')!r}; expected F32, BF16 or F16.")
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(info["shape"])
     return sizes
 
 

@@ -15,6 +15,7 @@ from helpers import rank_lines, run_ranks
 
 import distopt
 from distopt.cli import main as cli
+from distopt.plan import safetensors_sizes
 
 KEYS = [
     "parameter_bytes", "gradient_bytes", "master_weight_bytes", "optimizer_state_bytes",
@@ -80,3 +81,24 @@ def test_plan_bad_dtype():
     with pytest.raises(ValueError, match="Unknown dtype 'int8'"):
         distopt.plan(1000, dtype="int8")
     assert distopt.plan(1000, dtype=mx.float16)["dtypes"] == ["float16"]
+
+
+def test_plan_from_safetensors_headers(tmp_path):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model = nn.Sequential(nn.Linear(30, 50), nn.Linear(50, 7))
+    model.layers[0].set_dtype(mx.bfloat16)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(tmp_path / "model-00001.safetensors"), {k: v for k, v in weights.items() if "0" in k})
+    mx.save_safetensors(str(tmp_path / "model-00002.safetensors"), {k: v for k, v in weights.items() if "0" not in k})
+    sizes = safetensors_sizes([tmp_path])
+    assert sizes == {mx.bfloat16: 30 * 50 + 50, mx.float32: 50 * 7 + 7}
+    assert distopt.plan(sizes, "adam", world_size=2)["stages"] == distopt.plan(model, "adam", world_size=2)["stages"]
+    result = CliRunner().invoke(cli, ["plan", "--weights", str(tmp_path), "-n", "2"])
+    assert result.exit_code == 0 and result.output.startswith("1.91e+03 parameters (bfloat16, float32), Adamax"), result.output
+    (tmp_path / "notes.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    result = CliRunner().invoke(cli, ["plan", "--weights", str(tmp_path / "notes.safetensors")])
+    assert result.exit_code == 2 and "is not a safetensors file (its header is not JSON)" in result.output
+    result = CliRunner().invoke(cli, ["plan"])
+    assert result.exit_code == 2 and "Give either --params N or --weights" in result.output

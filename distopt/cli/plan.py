@@ -2,29 +2,36 @@
 
 import click
 
-from ..plan import DTYPES, format_plan, plan
+from ..plan import DTYPES, format_plan, plan, safetensors_sizes
 
 
 @click.command("plan")
-@click.option("--params", "params", required=True, type=float, help="Number of parameters, e.g. 7e9.")
+@click.option("--params", "params", type=float, help="Number of parameters, e.g. 7e9.")
+@click.option("--weights", "weights", multiple=True, type=click.Path(exists=True), help="A .safetensors file or a folder of them (only headers are read); instead of --params.")
 @click.option("--optimizer", default="adamax", show_default=True, help="sgd, adagrad, adamax, adam, adamw, rmsprop, adadelta, lion.")
-@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(sorted(DTYPES)), help="Parameter dtype.")
+@click.option("--dtype", default=None, type=click.Choice(sorted(DTYPES)), help="Parameter dtype.  [default: bf16, or the weights' own]")
 @click.option("-n", "--ranks", "world_size", default=1, show_default=True, type=click.IntRange(min=1), help="Number of ranks (Macs).")
 @click.option("--memory", "memory", multiple=True, type=float, help="Memory of each Mac in GiB; once for all, or once per rank.")
 @click.option("--master-weights/--no-master-weights", default=False, show_default=True, help="fp32 master shards for half-precision models.")
 @click.option("--reduce-fp32", is_flag=True, help="Reduce half-precision gradients in fp32.")
 @click.option("--bucket-mb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Reduction bucket size in MiB.")
 @click.option("--usable", "usable_fraction", default=0.75, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Share of memory training may use.")
-def plan_command(params, optimizer, dtype, world_size, memory, master_weights, reduce_fp32, bucket_mb, usable_fraction):
+def plan_command(params, weights, optimizer, dtype, world_size, memory, master_weights, reduce_fp32, bucket_mb, usable_fraction):
     """Print the memory per rank of a sharded training run, and whether it fits.
 
-    Example: distopt plan --params 7e9 --optimizer adamax --dtype bf16 -n 4 --memory 64
+    \b
+    Examples:
+      distopt plan --params 7e9 --optimizer adamax --dtype bf16 -n 4 --memory 64
+      distopt plan --weights ~/models/my-model/ -n 2 --memory 64 --memory 32 --master-weights
     """
     import mlx.core as mx
 
+    if (params is None) == (not weights):
+        raise click.UsageError("Give either --params N or --weights FILE_OR_FOLDER.")
     try:
+        source = params if params is not None else safetensors_sizes(weights)
         result = plan(
-            params, optimizer, dtype, world_size, list(memory) or None,
+            source, optimizer, dtype, world_size, list(memory) or None,
             master_weights=master_weights, reduce_dtype=mx.float32 if reduce_fp32 else None,
             bucket_bytes=int(bucket_mb * 1024**2), usable_fraction=usable_fraction,
         )  # fmt: skip
