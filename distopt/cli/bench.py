@@ -8,6 +8,7 @@ import click
 
 @click.command(
     "bench",
+    short_help="Benchmark distopt against MLX data parallel and PyTorch ZeRO.",
     add_help_option=False,
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
 )

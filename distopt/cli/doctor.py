@@ -3,7 +3,7 @@
 import click
 
 
-@click.command("doctor")
+@click.command("doctor", short_help="Check the install, backends, hosts and links; print fixes.")
 @click.option("--hostfile", metavar="FILE", type=click.Path(dir_okay=False),
               help="Also check every host of this hostfile: ssh, versions, folder, IPs, ring ports.")
 @click.option("--python", metavar="PATH", help="Python that runs the ranks on every host. Default: this one.")

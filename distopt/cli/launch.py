@@ -28,6 +28,7 @@ def _load_hostfile(ctx, param, path):
 
 @click.command(
     "launch",
+    short_help="Run a script as N ranks (here, or across the hosts of a hostfile).",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @click.option("-n", "--num-ranks", "n", type=click.IntRange(min=1),

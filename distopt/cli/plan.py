@@ -5,7 +5,7 @@ import click
 from ..plan import DTYPES, format_plan, plan, safetensors_sizes
 
 
-@click.command("plan")
+@click.command("plan", short_help="Memory per rank for a model, optimizer and N; does it fit?")
 @click.option("--params", "params", type=float, help="Number of parameters, e.g. 7e9.")
 @click.option("--weights", "weights", multiple=True, type=click.Path(exists=True), help="A .safetensors file or a folder of them (only headers are read); instead of --params.")
 @click.option("--optimizer", default="adamax", show_default=True, help="sgd, adagrad, adamax, adam, adamw, rmsprop, adadelta, lion.")
