@@ -15,7 +15,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .manifest import CheckpointError
 from .plan import plan
 from .precision import DynamicLossScale
+from .progress import Progress
 
 __version__ = "0.1.0"
 
-__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax", "GradientAccumulator", "DynamicLossScale", "plan", "save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["init", "DistoptError", "ShardedOptimizer", "SGD", "Adagrad", "Adamax", "GradientAccumulator", "DynamicLossScale", "plan", "save_checkpoint", "load_checkpoint", "CheckpointError", "Progress"]
