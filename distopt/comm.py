@@ -2,37 +2,74 @@
 
 A communicator has one job: ``reduce_scatter(flat, bucket)`` returns this rank's part
 of the elementwise sum of ``flat`` over all ranks, and ``all_gather(part, bucket)``
-returns the full bucket from every rank's part. Each call also adds to ``traffic``
-the bytes this rank sends and receives, as the algorithm moves them.
+returns the full bucket from every rank's part. Each call adds to ``traffic`` the
+bytes this rank sends and receives. For a bucket of ``P`` elements cut into parts
+``c_0 .. c_{N-1}``, every path but the fallback moves the minimum:
 
-- :class:`NativeComm`: MLX's ``sum_scatter`` and ``all_gather`` (NCCL, JACCL).
-- :class:`MpiComm`: Open MPI's ``Reduce_scatter``/``Allgatherv`` through mpi4py,
-  on zero-copy NumPy views of the MLX buffers (MPI backend).
-- :class:`AllSumComm`: ``all_sum`` then slice; moves 1.5x the bytes of the others
-  and is the last resort.
+.. math::
+
+    \\text{sent}_r = (P - c_r) + (P - c_{r+1}), \\qquad
+    \\text{received}_r = (P - c_{r-1}) + (P - c_r)
+
+elements per bucket and step (reduce-scatter + all-gather), i.e. 2(N-1)/N of the
+bucket for equal parts: what one ring all-reduce moves.
+
+- :class:`NativeComm`: MLX's ``sum_scatter`` and ``all_gather`` (NCCL, JACCL; equal
+  parts only).
+- :class:`MpiComm`: Open MPI's ``Reduce_scatter``/``Allgatherv`` through mpi4py, on
+  zero-copy NumPy views of the MLX buffers (MPI backend). float16/bfloat16 are summed
+  by a user operation that adds in float32 and rounds to nearest even, as MLX does.
+- :class:`RingComm`: :class:`distopt.ring.Ring`, built from MLX ``send``/``recv``
+  (TCP ring backend; also runs on MPI).
+- :class:`AllSumComm`: ``all_sum`` then slice; 1.5x the bytes, the last resort.
+
+``DISTOPT_COMM=native|mpi4py|ring|allsum`` (or ``make_communicator(..., choice=)``)
+forces a path; a path the backend cannot run raises a ``ValueError`` before any
+collective. Inside ``mx.compile`` (where nothing can be evaluated mid-graph)
+:class:`MpiComm` and :class:`RingComm` hand each call to :class:`AllSumComm`.
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
 from .group import backend_of
+from .ring import Ring
 
 log = logging.getLogger("distopt")
+
+CHOICES = ("native", "mpi4py", "ring", "allsum")
+_warned = set()
+
+
+def _warn_once(key, message, *args):
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 @dataclass
 class Traffic:
-    """Bytes this rank sent and received, per operation."""
+    """Bytes this rank sent and received, per operation: in total and in the last step."""
 
     sent: dict = field(default_factory=dict)
     received: dict = field(default_factory=dict)
+    step_sent: dict = field(default_factory=dict)
+    step_received: dict = field(default_factory=dict)
+    steps: int = 0
 
     def add(self, op, sent, received):
-        self.sent[op] = self.sent.get(op, 0) + sent
-        self.received[op] = self.received.get(op, 0) + received
+        for totals, n in ((self.sent, sent), (self.step_sent, sent), (self.received, received), (self.step_received, received)):
+            totals[op] = totals.get(op, 0) + n
+
+    def start_step(self):
+        """Begin counting a new step (the totals keep accumulating)."""
+        self.steps += 1
+        self.step_sent.clear()
+        self.step_received.clear()
 
     def total_sent(self):
         return sum(self.sent.values())
@@ -41,19 +78,9 @@ class Traffic:
         return sum(self.received.values())
 
     def reset(self):
-        self.sent.clear()
-        self.received.clear()
-
-
-def ring_bytes(bucket, rank, itemsize):
-    """Bytes a rank sends in a ring reduce-scatter (or all-gather) of ``bucket``.
-
-    Every part but one passes through every rank once, so each rank sends and
-    receives ``(P - c) * itemsize`` bytes, where ``P`` is the bucket length and
-    ``c`` one part: 2(N-1)/N of the bucket for reduce-scatter plus all-gather.
-    """
-    n = len(bucket.counts)
-    return (bucket.stop - bucket.start - bucket.counts[(rank + 1) % n]) * itemsize
+        for d in (self.sent, self.received, self.step_sent, self.step_received):
+            d.clear()
+        self.steps = 0
 
 
 def traced(x):
@@ -77,10 +104,32 @@ class Communicator:
         self.rank = group.rank()
         self.size = group.size()
         self.traffic = Traffic()
+        self._chain = None
 
-    def _count(self, op, bucket, itemsize):
-        nbytes = ring_bytes(bucket, self.rank, itemsize)
-        self.traffic.add(op, nbytes, nbytes)
+    def _ordered(self, x, collective):
+        """``collective(x)``, run after this communicator's previous collective of the step.
+
+        MLX runs the collectives of one lazy graph in its evaluation order, which
+        depends on which arrays each rank has already evaluated (ranks slice different
+        shards), so two ranks can start different collectives and hang or mix their
+        data. Chaining every collective of a step to the previous one with
+        ``mx.depends`` fixes one order on every rank, also inside ``mx.compile``.
+        """
+        key = (traced(x), self.traffic.steps)
+        if self._chain is not None and self._chain[1] == key:
+            x = mx.depends(x, self._chain[0])
+        out = collective(x)
+        self._chain = (out, key)
+        return out
+
+    def _count_ring(self, op, bucket, itemsize):
+        """Count the bytes of a minimal (ring) reduce-scatter or all-gather of ``bucket``."""
+        total, c, n, r = bucket.stop - bucket.start, bucket.counts, self.size, self.rank
+        if op == "reduce_scatter":
+            sent, received = total - c[r], total - c[(r - 1) % n]
+        else:
+            sent, received = total - c[(r + 1) % n], total - c[r]
+        self.traffic.add(op, sent * itemsize, received * itemsize)
 
 
 class NativeComm(Communicator):
@@ -89,43 +138,112 @@ class NativeComm(Communicator):
     name = "native"
 
     def reduce_scatter(self, flat, bucket):
-        self._count("reduce_scatter", bucket, flat.dtype.size)
-        return mx.distributed.sum_scatter(flat, group=self.group)
+        self._count_ring("reduce_scatter", bucket, flat.dtype.size)
+        return self._ordered(flat, lambda x: mx.distributed.sum_scatter(x, group=self.group))
 
     def all_gather(self, part, bucket):
-        self._count("all_gather", bucket, part.dtype.size)
-        return mx.distributed.all_gather(part, group=self.group)
+        self._count_ring("all_gather", bucket, part.dtype.size)
+        return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
 
 
 class AllSumComm(Communicator):
-    """``all_sum`` then slice, and a padded ``all_gather``: works everywhere, costs 1.5x."""
+    """``all_sum`` then slice, and a padded ``all_gather``: works everywhere, costs 1.5x.
 
-    name = "all_sum"
+    MLX's ring ``all_sum`` moves ``2 (P - P/N)`` elements per rank and direction; the
+    padded all-gather ``(N-1) max_k c_k``.
+    """
+
+    name = "allsum"
 
     def reduce_scatter(self, flat, bucket):
-        nbytes = 2 * ring_bytes(bucket, self.rank, flat.dtype.size)
+        total = bucket.stop - bucket.start
+        nbytes = 2 * (total - total // self.size) * flat.dtype.size
         self.traffic.add("reduce_scatter", nbytes, nbytes)
         lo, hi = bucket.part(self.rank)
-        return mx.distributed.all_sum(flat, group=self.group)[lo - bucket.start : hi - bucket.start]
+        total = self._ordered(flat, lambda x: mx.distributed.all_sum(x, group=self.group))
+        return total[lo - bucket.start : hi - bucket.start]
 
     def all_gather(self, part, bucket):
-        self._count("all_gather", bucket, part.dtype.size)
         longest = max(bucket.counts)
+        nbytes = (self.size - 1) * longest * part.dtype.size
+        self.traffic.add("all_gather", nbytes, nbytes)
         if part.shape[0] < longest:
             part = mx.concatenate([part, mx.zeros((longest - part.shape[0],), part.dtype)])
-        rows = mx.distributed.all_gather(part[None], group=self.group)
+        rows = self._ordered(part[None], lambda x: mx.distributed.all_gather(x, group=self.group))
         if all(c == longest for c in bucket.counts):
             return rows.reshape(-1)
         return mx.concatenate([rows[r, :c] for r, c in enumerate(bucket.counts)])
 
 
-class MpiComm(Communicator):
+class _Eager(Communicator):
+    """A path that must evaluate its inputs; inside ``mx.compile`` it uses :class:`AllSumComm`."""
+
+    def __init__(self, group):
+        super().__init__(group)
+        self.fallback = AllSumComm(group)
+        self.fallback.traffic = self.traffic
+
+    def _compiled(self, x):
+        if traced(x):
+            _warn_once(
+                ("traced", self.name),
+                "distopt: the %s reduce-scatter cannot run inside mx.compile; compiled steps use "
+                "all_sum + slice (1.5x the bytes). Compile the model's gradient, not the optimizer step.",
+                self.name,
+            )
+            return True
+        return False
+
+    def reduce_scatter(self, flat, bucket):
+        if self._compiled(flat):
+            return self.fallback.reduce_scatter(flat, bucket)
+        return self._reduce_scatter(flat, bucket)
+
+    def all_gather(self, part, bucket):
+        if self._compiled(part):
+            return self.fallback.all_gather(part, bucket)
+        return self._all_gather(part, bucket)
+
+
+class RingComm(_Eager):
+    """Ring reduce-scatter (and, for unequal parts, all-gather) from MLX ``send``/``recv``.
+
+    Equal parts are gathered by MLX's ``all_gather``, already a ring that moves
+    (N-1)/N of the bucket. On the TCP ring backend each step's send and receive
+    run concurrently on two CPU streams; elsewhere they run in rank-parity order.
+    """
+
+    name = "ring"
+
+    def __init__(self, group, duplex):
+        super().__init__(group)
+        self.ring = Ring(group, duplex)
+
+    def _moved(self, op, fn):
+        before = (self.ring.sent, self.ring.received)
+        out = fn()
+        self.traffic.add(op, self.ring.sent - before[0], self.ring.received - before[1])
+        return out
+
+    def _reduce_scatter(self, flat, bucket):
+        return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(flat, bucket.counts))
+
+    def _all_gather(self, part, bucket):
+        if len(set(bucket.counts)) == 1:
+            self._count_ring("all_gather", bucket, part.dtype.size)
+            full = mx.distributed.all_gather(part, group=self.group)
+            mx.eval(full)  # in program order, like the send/recv steps
+            return full
+        return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))
+
+
+class MpiComm(_Eager):
     """Open MPI's collectives through mpi4py on zero-copy views of MLX memory.
 
-    MLX's MPI backend has no ``sum_scatter``, and Open MPI's own collectives on
-    NumPy views were measured faster than MLX's ``all_sum`` here. Half-precision
-    buffers, which MPI cannot sum, and traced (compiled) steps go through
-    :class:`AllSumComm`.
+    MLX's MPI backend has no ``sum_scatter``. ``np.asarray`` of an evaluated MLX
+    array is a writable view of its memory, so MPI reads the gradient bucket and
+    writes the result straight into MLX buffers. float16 and bfloat16 travel as
+    uint16 and are summed by :func:`half_sum_op`.
     """
 
     name = "mpi4py"
@@ -133,37 +251,90 @@ class MpiComm(Communicator):
     def __init__(self, group):
         super().__init__(group)
         self.comm = _mpi_world()
-        self.fallback = AllSumComm(group)
-        self.fallback.traffic = self.traffic
+        if self.comm.Get_size() != self.size:
+            raise ValueError(
+                f"DISTOPT_COMM=mpi4py needs the MPI world group; this group has {self.size} of "
+                f"{self.comm.Get_size()} MPI ranks."
+            )
 
-    def _usable(self, x):
-        return x.dtype not in (mx.float16, mx.bfloat16) and not traced(x)
+    def _reduce_scatter(self, flat, bucket):
+        self._count_ring("reduce_scatter", bucket, flat.dtype.size)
+        send, op = _mpi_view(flat), _sum_op(flat.dtype)
+        out = _empty(bucket.counts[self.rank], send.dtype)
+        self.comm.Reduce_scatter(send, np.asarray(out), list(bucket.counts), op=op)
+        return out.view(flat.dtype) if out.dtype != flat.dtype else out
 
-    def reduce_scatter(self, flat, bucket):
-        if not self._usable(flat):
-            return self.fallback.reduce_scatter(flat, bucket)
-        from mpi4py import MPI
-
-        self._count("reduce_scatter", bucket, flat.dtype.size)
-        out = _empty(bucket.counts[self.rank], flat.dtype)
-        self.comm.Reduce_scatter(np.asarray(flat), np.asarray(out), list(bucket.counts), op=MPI.SUM)
-        return out
-
-    def all_gather(self, part, bucket):
-        if not self._usable(part):
-            return self.fallback.all_gather(part, bucket)
-        self._count("all_gather", bucket, part.dtype.size)
-        out = _empty(bucket.stop - bucket.start, part.dtype)
+    def _all_gather(self, part, bucket):
+        self._count_ring("all_gather", bucket, part.dtype.size)
+        send = _mpi_view(part)
+        out = _empty(bucket.stop - bucket.start, send.dtype)
         displs = [sum(bucket.counts[:r]) for r in range(self.size)]
-        self.comm.Allgatherv(np.asarray(part), [np.asarray(out), list(bucket.counts), displs, None])
-        return out
+        self.comm.Allgatherv(send, [np.asarray(out), list(bucket.counts), displs, None])
+        return out.view(part.dtype) if out.dtype != part.dtype else out
+
+
+HALF = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def _mpi_view(x):
+    """A NumPy view (no copy) of evaluated ``x``; half-precision as an MLX uint16 view."""
+    if x.dtype in HALF.values():
+        x = x.view(mx.uint16)
+    mx.eval(x)
+    return np.asarray(x)
 
 
 def _empty(n, dtype):
-    """An evaluated MLX buffer of ``n`` elements that MPI can write into in place."""
-    out = mx.zeros((n,), dtype=dtype)
+    """An evaluated MLX buffer of ``n`` elements (of NumPy ``dtype``) that MPI writes in place."""
+    out = mx.zeros((n,), dtype=getattr(mx, np.dtype(dtype).name))
     mx.eval(out)
     return out
+
+
+_ops = {}
+
+
+def _sum_op(dtype):
+    """``MPI.SUM``, or for float16/bfloat16 a commutative user op on uint16 words."""
+    from mpi4py import MPI
+
+    if dtype not in HALF.values():
+        return MPI.SUM
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in _ops:
+        _ops[name] = MPI.Op.Create(half_sum_op(name), commute=True)
+    return _ops[name]
+
+
+def half_sum_op(name):
+    """``inout = in + inout`` on uint16 words holding ``name`` (float16 or bfloat16) values.
+
+    Each pair is added in float32 and rounded to nearest even, which is exactly
+    MLX's float16/bfloat16 addition (float32 holds every sum of two half values
+    closely enough that rounding once more gives the correctly rounded result).
+    """
+
+    def add(inbuf, inoutbuf, datatype):
+        a = np.frombuffer(inbuf, np.uint16)
+        b = np.frombuffer(inoutbuf, np.uint16)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and nan propagate as in MLX
+            b[...] = _from_f32(_to_f32(a, name) + _to_f32(b, name), name)
+
+    return add
+
+
+def _to_f32(words, name):
+    if name == "float16":
+        return words.view(np.float16).astype(np.float32)
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+def _from_f32(x, name):
+    if name == "float16":
+        return x.astype(np.float16).view(np.uint16)
+    bits = x.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
 
 
 def _mpi_world():
@@ -177,12 +348,43 @@ def _mpi_world():
     return MPI.COMM_WORLD
 
 
-def make_communicator(group, equal_parts=True):
-    """The best communicator for ``group``'s backend."""
+def make_communicator(group, equal_parts=True, choice=None):
+    """The best communicator for ``group``'s backend, or the one ``choice`` names.
+
+    Args:
+        group (mx.distributed.Group): the ranks.
+        equal_parts (bool): whether every bucket splits into equal parts (no
+          ``shard_weights``); MLX's ``sum_scatter`` needs them.
+        choice (str, optional): ``"native"``, ``"mpi4py"``, ``"ring"`` or ``"allsum"``;
+          default the ``DISTOPT_COMM`` environment variable, else automatic.
+    """
     backend = backend_of(group)
-    if backend in ("nccl", "jaccl") and equal_parts:
+    choice = choice or os.environ.get("DISTOPT_COMM") or _automatic(backend, equal_parts)
+    if choice not in CHOICES:
+        raise ValueError(f"Unknown communication path {choice!r} (DISTOPT_COMM); expected one of {', '.join(CHOICES)}.")
+    if choice == "native":
+        if backend not in ("nccl", "jaccl"):
+            raise ValueError(f"MLX's sum_scatter exists only on the nccl and jaccl backends, not {backend!r}; use ring or mpi4py.")
+        if not equal_parts:
+            raise ValueError("MLX's sum_scatter needs equal shards; shard_weights need DISTOPT_COMM=allsum on this backend.")
         return NativeComm(group)
-    if backend == "mpi":
+    if choice == "mpi4py":
+        if backend != "mpi":
+            raise ValueError(f"DISTOPT_COMM=mpi4py needs the mpi backend; this group runs on {backend!r}.")
         return MpiComm(group)
-    log.warning("distopt: no reduce-scatter for backend %r; using all_sum + slice (1.5x the bytes).", backend)
+    if choice == "ring":
+        if backend not in ("ring", "mpi"):
+            raise ValueError(f"The send/recv ring needs the ring or mpi backend (MLX send/recv); this group runs on {backend!r}.")
+        return RingComm(group, duplex=backend == "ring")
+    _warn_once(("allsum", backend), "distopt: reduce-scatter by all_sum + slice on backend %r (1.5x the bytes of a ring).", backend)
     return AllSumComm(group)
+
+
+def _automatic(backend, equal_parts):
+    if backend in ("nccl", "jaccl"):
+        return "native" if equal_parts else "allsum"
+    if backend == "mpi":
+        return "mpi4py"
+    if backend == "ring":
+        return "ring"
+    return "allsum"
