@@ -62,6 +62,7 @@ class Traffic:
     steps: int = 0
 
     def add(self, op, sent, received):
+        """Count ``sent`` and ``received`` bytes of operation ``op`` (totals and this step)."""
         for totals, n in ((self.sent, sent), (self.step_sent, sent), (self.received, received), (self.step_received, received)):
             totals[op] = totals.get(op, 0) + n
 
@@ -72,12 +73,15 @@ class Traffic:
         self.step_received.clear()
 
     def total_sent(self):
+        """Bytes sent since the start (or the last :meth:`reset`), all operations."""
         return sum(self.sent.values())
 
     def total_received(self):
+        """Bytes received since the start (or the last :meth:`reset`), all operations."""
         return sum(self.received.values())
 
     def reset(self):
+        """Zero every count."""
         for d in (self.sent, self.received, self.step_sent, self.step_received):
             d.clear()
         self.steps = 0
@@ -138,10 +142,12 @@ class NativeComm(Communicator):
     name = "native"
 
     def reduce_scatter(self, flat, bucket):
+        """This rank's part of the sum of ``flat`` over ranks (``sum_scatter``)."""
         self._count_ring("reduce_scatter", bucket, flat.dtype.size)
         return self._ordered(flat, lambda x: mx.distributed.sum_scatter(x, group=self.group))
 
     def all_gather(self, part, bucket):
+        """The whole bucket from every rank's ``part`` (``all_gather``)."""
         self._count_ring("all_gather", bucket, part.dtype.size)
         return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
 
@@ -156,6 +162,7 @@ class AllSumComm(Communicator):
     name = "allsum"
 
     def reduce_scatter(self, flat, bucket):
+        """This rank's part of the sum of ``flat``: the whole ``all_sum``, sliced."""
         total = bucket.stop - bucket.start
         nbytes = 2 * (total - total // self.size) * flat.dtype.size
         self.traffic.add("reduce_scatter", nbytes, nbytes)
@@ -164,6 +171,7 @@ class AllSumComm(Communicator):
         return total[lo - bucket.start : hi - bucket.start]
 
     def all_gather(self, part, bucket):
+        """The whole bucket: parts padded to the longest, ``all_gather``-ed, unpadded."""
         longest = max(bucket.counts)
         nbytes = (self.size - 1) * longest * part.dtype.size
         self.traffic.add("all_gather", nbytes, nbytes)
