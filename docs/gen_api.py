@@ -13,7 +13,7 @@ import distopt
 from distopt import progress
 
 OUT = Path(__file__).with_name("api.md")
-EXTRA = [("distopt.progress", progress, ["Progress", "show_rank_errors"])]
+EXTRA = [("distopt.progress", progress, ["show_rank_errors", "format_bytes"])]
 COMMANDS = ["launch", "doctor", "plan", "ckpt", "bench"]
 
 
