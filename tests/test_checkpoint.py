@@ -12,13 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import msgpack
 import pytest
 from click.testing import CliRunner
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from helpers import SCRIPTS, launcher_env, rank_lines
 
@@ -98,10 +100,35 @@ def test_resume_n1_from_n2(saved, plain):
     root, _ = saved
     for name in PLAIN if plain else NAMES:
         model, opt = cc.make_model(seed=5), cc.make_optimizer(name, plain=plain)
+        state = opt.state
         assert distopt.load_checkpoint(root / name, model, opt) == {"name": name, "k": cc.K}
+        assert opt.state is state  # filled in place (a compiled step may hold it)
         assert opt.step.item() == cc.K
         cc.train(model, opt, cc.K, cc.K + cc.J)
         assert cc.differences(model, opt, cc.reference(name)) == []
+
+
+def test_load_under_a_compiled_step(saved, name="master"):
+    """load_checkpoint fills the state in place, so a step compiled with inputs=[model.state, opt.state]
+    before loading goes on from the checkpoint ("master": the flat path, at N=1)."""
+    root, _ = saved
+    model, opt = cc.make_model(seed=3), cc.make_optimizer(name)
+    opt.init(model.trainable_parameters())
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(t_x, t_y):
+        loss_and_grad = nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(t_x), t_y))
+        _, g = loss_and_grad(model)
+        opt.update(model, tree_map(cc._round, g))
+
+    step(*cc.batch(0))  # traced before the load
+    mx.eval(state)
+    distopt.load_checkpoint(root / name, model, opt)
+    for t in range(cc.K, cc.K + cc.J):
+        step(*cc.batch(t))
+        mx.eval(state)
+    assert cc.differences(model, opt, cc.reference(name)) == []
 
 
 def test_consolidate_loads_into_plain_mlx(saved, tmp_path):
@@ -237,10 +264,13 @@ def test_resume_and_bad_input_on_m_ranks(saved, saved_n1, bad_cases, ranks, back
     base, cases = bad_cases
     before = tree_digest(base)
     roots = [root, saved_n1] if backend == "mpi" else [root]  # N=1 -> M once, to save time
-    args = [f"resume={r}" for r in roots] + [f"bad={base.parent / 'cases.json'}"]
+    args = [f"resume={r}" for r in roots] + [f"weighted={root}", f"bad={base.parent / 'cases.json'}"]
     code, out, err = run_ranks(ranks, "ckpt_ranks.py", *args, backend=backend, timeout=90)
     assert code == 0, out + err
     check_resumed(out, ranks, roots)
+    for rank in range(ranks):
+        [weighted] = [r for r in records(out, rank) if r["check"] == "weighted"]
+        assert weighted["diff"] == [] and weighted["step"] == cc.K + cc.J, weighted
     check_bad(out, ranks, cases)
     assert tree_digest(base) == before
 

@@ -29,10 +29,10 @@ def settings(name):
 
 def make_optimizer(name, plain=False, **extra):
     plain_cls, dist_cls, kwargs = settings(name)
-    kwargs = {**kwargs, **{k: v for k, v in extra.items() if k not in ("bucket_bytes",)}}
-    if plain:
-        return plain_cls(**kwargs)
-    return dist_cls(**kwargs, bucket_bytes=extra.get("bucket_bytes", 400))
+    only_distopt = {"bucket_bytes": 400, "shard_weights": None}
+    only_distopt.update({k: v for k, v in extra.items() if k in only_distopt})
+    kwargs = {**kwargs, **{k: v for k, v in extra.items() if k not in only_distopt}}
+    return plain_cls(**kwargs) if plain else dist_cls(**kwargs, **only_distopt)
 
 
 class Net(nn.Module):

@@ -2,6 +2,7 @@
 
     ckpt_ranks.py save=ROOT          train K steps, save ROOT/<opt>, reload here, J more steps
     ckpt_ranks.py resume=ROOT        load ROOT/<opt> (saved at any N), J more steps
+    ckpt_ranks.py weighted=ROOT      the same with unequal shards (shard_weights)
     ckpt_ranks.py bad=CASES.json     every bad checkpoint raises CheckpointError, nothing changes
 
 Several commands may follow each other in one launch.
@@ -29,11 +30,11 @@ def report(**fields):
     print("CKPT " + json.dumps(fields), f"{time.perf_counter() - START:.2f}s", flush=True)
 
 
-def resume(root, name, bucket_bytes):
-    model, opt = make_model(seed=7), make_optimizer(name, bucket_bytes=bucket_bytes)
+def resume(root, name, bucket_bytes, shard_weights=None):
+    model, opt = make_model(seed=7), make_optimizer(name, bucket_bytes=bucket_bytes, shard_weights=shard_weights)
     meta = distopt.load_checkpoint(f"{root}/{name}", model, opt)
     train(model, opt, K, K + J)
-    report(check="resume", root=root, name=name, meta=meta, step=int(opt.step.item()),
+    report(check="resume" if shard_weights is None else "weighted", root=root, name=name, meta=meta, step=int(opt.step.item()),
            diff=differences(model, opt, cached_reference(name)))  # fmt: skip
 
 
@@ -106,6 +107,8 @@ if __name__ == "__main__":
         elif mode == "resume":
             for name in NAMES:
                 resume(arg, name, bucket_bytes=1024)
+        elif mode == "weighted":  # unequal shards: rank r holds r + 1 parts
+            resume(arg, "adamax", bucket_bytes=1024, shard_weights=list(range(1, group.size() + 1)))
         elif mode == "bad":
             bad(arg)
     report(check="done", rank=group.rank(), size=group.size())
