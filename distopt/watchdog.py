@@ -110,7 +110,9 @@ class Watchdog:
 
     @property
     def poll(self):
-        return min(1.0, max(self.timeout / 20, 0.05))
+        """Seconds between checks (and pings): 1 s, shorter for short deadlines or heartbeats."""
+        beat = self.heartbeat / 2 if self.heartbeat > 0 else 1.0
+        return max(0.05, min(1.0, self.timeout / 20, beat))
 
     def start(self):
         """Install the ping handler (main thread only) and start the thread."""

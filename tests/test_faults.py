@@ -3,7 +3,8 @@
 Each case launches ``tests/scripts/fault_train.py`` through ``distopt launch`` with a
 watchdog deadline of 5 s, injects one fault, and checks that the launcher exits
 non-zero within deadline + 10 s of the fault, that no process of the job is left,
-and what the output says. ``benchmarks/stress_faults.py`` runs every case many times.
+what the output says, and that the last checkpoint saved (every 5 steps) loads.
+``benchmarks/stress_faults.py`` runs every case many times.
 """
 
 import sys
@@ -12,23 +13,25 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from fault_harness import run_fault  # noqa: E402
+from fault_harness import last_checkpoint_step, printed_checkpoints, run_fault  # noqa: E402
 
 DEADLINE = 5.0
 
 # (backend, n, fault, rank, step, expected exit code, texts the output must hold)
 CASES = [
-    ("ring", 2, "kill", 1, 5, 137, ["rank 1 was killed by SIGKILL; stopping the other ranks"]),
-    ("mpi", 2, "raise", 1, 5, None, ["RuntimeError: injected fault at step 5"]),
-    ("ring", 4, "hang", 2, 5, 124, ["watchdog: no progress", "step 5 did not complete", "exited with code 124"]),
+    ("ring", 2, "kill9", 1, 8, 137, ["rank 1 was killed by SIGKILL; stopping the other ranks"]),
+    ("mpi", 4, "kill9", 2, 8, None, ["prterun noticed that process rank 2", "signal 9 (Killed)"]),
+    ("mpi", 2, "raise", 1, 8, None, ["RuntimeError: injected fault at step 8"]),
+    ("ring", 4, "hang", 2, 8, 124, ["watchdog: no progress", "step 8 did not complete", "exited with code 124"]),
     ("ring", 2, "nojoin", 1, 0, 137, ["init of the ring backend did not complete within 5 s"]),
-    ("mpi", 2, "sigterm", 0, 5, 143, ["received SIGTERM; stopping all ranks"]),
+    ("mpi", 2, "sigterm", 0, 8, 143, ["received SIGTERM; stopping all ranks"]),
 ]
 
 
 @pytest.mark.parametrize("backend,n,fault,rank,step,code,texts", CASES, ids=[f"{c[0]}-n{c[1]}-{c[2]}" for c in CASES])
-def test_fault_ends_the_job(backend, n, fault, rank, step, code, texts):
-    run = run_fault(backend, n, fault, rank, step, deadline=DEADLINE, steps=40, limit=120)
+def test_fault_ends_the_job(backend, n, fault, rank, step, code, texts, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = run_fault(backend, n, fault, rank, step, deadline=DEADLINE, steps=40, ckpt=ckpt, limit=120)
     assert run.code != 0, run.text
     if code is not None:
         assert run.code == code, run.text
@@ -38,6 +41,11 @@ def test_fault_ends_the_job(backend, n, fault, rank, step, code, texts):
     for text in texts:
         assert run.find(text), f"{text!r} not in the output\n{run.text}"
     assert not run.find("] done"), run.text
+    saved = printed_checkpoints(run)
+    if fault == "nojoin":
+        assert saved == [] and not ckpt.exists()
+    else:  # the last checkpoint saved before the fault loads (a save may finish unreported)
+        assert saved and last_checkpoint_step(ckpt) in (saved[-1], saved[-1] + 5), run.text
 
 
 def test_watchdog_ends_a_blocked_main_thread_and_names_the_step():
@@ -82,3 +90,26 @@ def test_deadline_adapts_to_ten_times_the_median_step():
     assert dog.deadline == 2.0  # 10 x median 0.12 s is below the timeout
     dog.intervals.extend([0.3, 0.3, 0.3, 0.3])
     assert dog.deadline == pytest.approx(3.0)  # 10 x median 0.3 s
+
+
+def test_heartbeat_lines():
+    import io
+    import time
+
+    from distopt.watchdog import Watchdog
+
+    out = io.StringIO()
+    dog = Watchdog(timeout=30, heartbeat=0.2, stream=out)
+    dog.rank, dog.size = 1, 2
+    dog.start()
+    try:
+        dog.step_started()
+        time.sleep(0.05)
+        dog.step_started()
+        time.sleep(0.7)
+    finally:
+        dog.stop()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and not dog.fired
+    assert lines[0].startswith("distopt: rank 1 of 2 alive: step 2, median step 0.0")
+    assert lines[0].endswith(" s, deadline 30 s")

@@ -52,13 +52,16 @@ def launcher_env(timeout):
 
 def run_fault(backend, n, fault, rank=1, step=5, *, deadline=3.0, steps=30, sigterm_at=None,
               ckpt=None, limit=90, launch_args=(), env=None, trigger=None):
-    """Run one case; ``fault="sigterm"`` trains normally and SIGTERMs the launcher at ``sigterm_at``.
+    """Run one case of ``fault_train.py`` (``fault`` is one of its FAULTs, or one done from here).
+
+    ``fault="sigterm"`` SIGTERMs the launcher (as Ctrl-C would) at step ``sigterm_at``
+    (default ``step``); ``fault="kill9"`` SIGKILLs rank ``rank`` when rank 0 prints step ``step``.
 
     ``trigger=(text, action)`` calls ``action()`` (e.g. cut a network link) when a
     line holding ``text`` appears, and counts that moment as the fault.
     """
     tag = uuid.uuid4().hex[:12]
-    script_fault = "none" if fault == "sigterm" else fault
+    script_fault = "none" if fault in ("sigterm", "kill9") else fault
     argv = [sys.executable, "-m", "distopt.cli", "launch", "-n", str(n), "--backend", backend,
             *map(str, launch_args), str(SCRIPT), script_fault, str(rank), str(step),
             "--steps", str(steps), "--tag", tag]
@@ -76,6 +79,8 @@ def run_fault(backend, n, fault, rank=1, step=5, *, deadline=3.0, steps=30, sigt
         reader.start()
     if fault == "sigterm":
         trigger = (f"] step {sigterm_at or step} ", lambda: launcher.send_signal(signal.SIGTERM))
+    if fault == "kill9":  # kill -9 from outside, when rank 0 reports step ``step``
+        trigger = (f"[rank 0] step {step} ", lambda: _kill(_pid_of(lines, rank)))
     if trigger is not None:
         _when_line(launcher, lines, start, trigger, fault_at)
     try:
@@ -103,6 +108,20 @@ def _read(stream, name, lines, start, fault_at):
             fault_at[0] = now
 
 
+def last_checkpoint_step(ckpt):
+    """Load the latest checkpoint under ``ckpt`` into a fresh model and optimizer (one process); its step."""
+    import distopt
+    from fault_train import build
+
+    model, opt = build()
+    return distopt.load_checkpoint(ckpt, model, opt)["step"]
+
+
+def printed_checkpoints(run):
+    """Steps of the checkpoints rank 0 reported as saved."""
+    return [int(line.split()[-1]) for line in run.find("[rank 0] checkpoint ")]
+
+
 def _when_line(launcher, lines, start, trigger, fault_at):
     """Call ``trigger[1]()`` once a line holding ``trigger[0]`` appears (e.g. SIGTERM as Ctrl-C)."""
     needle, action = trigger
@@ -112,6 +131,11 @@ def _when_line(launcher, lines, start, trigger, fault_at):
             action()
             return
         time.sleep(0.02)
+
+
+def _pid_of(lines, rank):
+    found = [line.split()[-1] for _, _, line in list(lines) if line.startswith(f"[rank {rank}] pid ")]
+    return int(found[0])
 
 
 def _tagged_processes(tag):

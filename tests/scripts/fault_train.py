@@ -52,6 +52,14 @@ def inject(args, rank, step):
             time.sleep(3600)
 
 
+def build():
+    """The model and optimizer every rank (and a checkpoint reader) builds."""
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    mx.eval(model.parameters())
+    return model, distopt.Adamax(learning_rate=1e-2)
+
+
 def main():
     args = parse()
     env_rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "-1")))
@@ -62,10 +70,7 @@ def main():
             time.sleep(3600)
     group = distopt.init()
     rank = group.rank()
-    mx.random.seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
-    mx.eval(model.parameters())
-    opt = distopt.Adamax(learning_rate=1e-2)
+    model, opt = build()
     save = getattr(distopt, "save_checkpoint", None) if args.ckpt else None
     mx.random.seed(1 + rank)
     x, y = mx.random.normal((32, 16)), mx.random.randint(0, 4, (32,))
@@ -82,7 +87,7 @@ def main():
         mx.eval(model.parameters(), opt.state)
         print(f"step {step} loss {loss.item():.4f}", flush=True)
         if save is not None and step % 5 == 0:
-            save(args.ckpt, model, opt, step=step)
+            save(args.ckpt, model, opt, step=step, metadata={"step": step})
             print(f"checkpoint {step}", flush=True)
     print("done", flush=True)
 
