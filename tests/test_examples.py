@@ -1,6 +1,6 @@
 """The examples train for real through ``distopt launch``: the loss falls, the loss curve
-is the same for 1 and 2 ranks with the same global batch, and ``--resume`` continues a
-checkpoint exactly where the uninterrupted run would be.
+is the same for 1, 2 and 4 ranks with the same global batch, and ``--resume`` continues a
+checkpoint exactly where the uninterrupted run would be (on another N: within rounding).
 
 Runs are kept small (tiny models, tens of steps); every launch has a hard timeout.
 """
@@ -59,14 +59,16 @@ def test_mlp_curve_equal_for_1_and_2_ranks_and_resume(tmp_path):
     assert "train accuracy" in out
     assert (ck / "step-00000015").is_dir() and (ck / "latest").read_text().strip() == "step-00000030"
 
-    # Resume at step 15: on the same N, bit for bit the uninterrupted run; on another N, within rounding.
-    (same, out_same), (other, _) = in_parallel(
+    # Resume at step 15: on the same N, bit for bit the uninterrupted run; on 4 ranks (MPI), within rounding.
+    (same, out_same), (four, out_four) = in_parallel(
         (2, "mlp.py", *common, "--resume", ck / "step-00000015", "--checkpoint-dir", tmp_path / "a"),
-        (1, "mlp.py", *common, "--resume", ck / "step-00000015", "--checkpoint-dir", tmp_path / "b"),
+        (4, "mlp.py", *common, "--resume", ck / "step-00000015", "--checkpoint-dir", tmp_path / "b"),
+        backends=("ring", "mpi"),
     )
     assert sorted(same) == [20, 25, 30], out_same
     assert same == {s: two[s] for s in same}
-    assert_same_curve(other, {s: two[s] for s in other}, 1e-4, "mlp resumed on 1 rank vs 2")
+    assert "4 rank(s)" in out_four
+    assert_same_curve(four, {s: two[s] for s in four}, 1e-4, "mlp resumed on 4 ranks vs 2")
 
 
 def test_charlm_and_bf16_finetune(tmp_path):
