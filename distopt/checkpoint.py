@@ -11,6 +11,7 @@ raises the same :class:`CheckpointError` on every rank and leaves model and opti
 untouched.
 """
 
+import numbers
 import os
 import secrets
 import shutil
@@ -59,6 +60,7 @@ def save_checkpoint(directory, model, optimizer, *, step=None, metadata=None, ke
     """
     group = _group_of(optimizer)
     rank = group.rank()
+    mx.eval(model.parameters(), optimizer.state)  # on every rank first: the state may hold lazy collectives
     plan, error = None, ""
     try:
         plan = _plan_save(directory, model, optimizer, step, metadata, keep_last, group)
@@ -102,7 +104,7 @@ def _plan_save(directory, model, optimizer, step, metadata, keep_last, group):
     if not isinstance(metadata, dict):
         raise CheckpointError(f"metadata must be a dict, got {type(metadata).__name__}.")
     try:
-        msgpack.packb(metadata, use_bin_type=True, strict_types=False)
+        msgpack.unpackb(msgpack.packb(metadata, use_bin_type=True), strict_map_key=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"metadata must be msgpack-serializable (str keys, numbers, strings, lists, dicts): {e}") from None
     state = optimizer.state
@@ -115,10 +117,7 @@ def _plan_save(directory, model, optimizer, step, metadata, keep_last, group):
         globals_, shards, buffers = from_mlx_layout(state, params)
         num_shards, shard_index = 1, (0 if group.rank() == 0 else None)
     optimizer_step = int(globals_["step"].item()) if "step" in globals_ else 0
-    step = optimizer_step if step is None else step
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"step must be a non-negative integer, got {step!r}.")
-    mx.eval(params, globals_, shards)
+    step = _as_step(optimizer_step if step is None else step)
     lr = globals_.get("learning_rate")
     return {
         "root": str(root), "step": step, "keep_last": keep_last, "shard_index": shard_index,
@@ -411,6 +410,15 @@ def _check_buffers(manifest, params):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _as_step(step):
+    """A non-negative Python int from an int, a NumPy integer or a scalar integer array."""
+    if isinstance(step, mx.array) and step.size == 1 and mx.issubdtype(step.dtype, mx.integer):
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise CheckpointError(f"step must be a non-negative integer, got {step!r}.")
+    return int(step)
 
 
 def _group_of(optimizer):

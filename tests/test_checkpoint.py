@@ -348,12 +348,14 @@ def test_save_rejects_bad_arguments(tmp_path):
         (dict(metadata={"x": object()}), "metadata must be msgpack-serializable"),
         (dict(metadata=[1]), "metadata must be a dict"),
         (dict(step=-1), "step must be a non-negative integer"),
+        (dict(step=1.5), "step must be a non-negative integer"),
+        (dict(metadata={1: "int key"}), "metadata must be msgpack-serializable"),
     ]
     for kwargs, expected in bad:
         with pytest.raises(distopt.CheckpointError, match=expected):
             distopt.save_checkpoint(tmp_path / "root", model, opt, **kwargs)
     assert not (tmp_path / "root").exists()
-    path = distopt.save_checkpoint(tmp_path / "root", model, opt, step=10)
+    path = distopt.save_checkpoint(tmp_path / "root", model, opt, step=mx.array(10))
     with pytest.raises(distopt.CheckpointError, match="is a checkpoint itself"):
         distopt.save_checkpoint(path, model, opt)
     assert sorted(os.listdir(tmp_path / "root")) == ["latest", "step-00000010"]
