@@ -99,4 +99,7 @@ def resume(args, model, optimizer):
     if not args.resume:
         return 0
     directory = args.checkpoint_dir if args.resume is True else args.resume
-    return distopt.load_checkpoint(directory, model, optimizer)["step"]
+    try:
+        return distopt.load_checkpoint(directory, model, optimizer)["step"]
+    except distopt.CheckpointError as e:  # raised on every rank alike
+        raise SystemExit(f"cannot resume: {e}") from None
