@@ -269,9 +269,10 @@ def _sharded_state(path, manifest, optimizer, rank):
     buffers = {}
     for name in sorted(names):
         desc = manifest["buffers"].get(name)
-        if desc is None or name not in layout.buffers:
-            side = "the optimizer" if desc is None else "the checkpoint"
-            raise CheckpointError(f"{side.capitalize()} has {name} parameters; the other side has none.")
+        if desc is None:
+            raise CheckpointError(f"The checkpoint has no optimizer state for {name} parameters, which this optimizer has.")
+        if name not in layout.buffers:
+            raise CheckpointError(f"The checkpoint has optimizer state for {name} parameters, which this optimizer lacks.")
         _check_entries(desc, [(e.path, e.shape) for e in layout.buffers[name].entries], name)
         mine = {k: dtype_name(v.dtype) for k, v in current.get(name, {}).items()}
         if mine != desc["keys"]:
@@ -282,6 +283,16 @@ def _sharded_state(path, manifest, optimizer, rank):
 
 def _mlx_state(path, manifest, optimizer):
     """The ``mlx.optimizers`` state tree (per-parameter dicts) from the saved shards."""
+    inner = optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer
+    for name, desc in manifest["buffers"].items():
+        probe = {}
+        inner.init_single(mx.zeros((1,), getattr(mx, name)), probe)
+        if sorted(probe) != sorted(desc["keys"]):
+            raise CheckpointError(
+                f"The checkpoint's {name} optimizer state has keys {sorted(desc['keys'])}; this optimizer keeps "
+                f"{sorted(probe)}. (A checkpoint with fp32 master weights needs master_weights=True; "
+                "`distopt ckpt consolidate` converts any checkpoint for plain MLX.)"
+            )
     return {"mlx_layout": tree_unflatten(mlx_state_items(path, manifest))}
 
 

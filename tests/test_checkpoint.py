@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers
 import msgpack
 import pytest
 from click.testing import CliRunner
@@ -288,6 +289,16 @@ def test_bad_input_single_process(saved, bad_cases):
             distopt.load_checkpoint(case["dir"], model, opt)
         assert expected in str(info.value), (case["name"], str(info.value))
         assert opt.state.keys() == {"step", "learning_rate"} and opt.step.item() == 0
+
+
+def test_master_checkpoint_needs_master_weights(saved):
+    """fp32 master shards cannot silently vanish: loading them without master_weights is an error."""
+    root, _ = saved
+    for opt in (distopt.Adamax(learning_rate=0.01), mlx.optimizers.Adamax(learning_rate=0.01)):
+        model = cc.make_model()
+        opt.init(model.trainable_parameters())
+        with pytest.raises(distopt.CheckpointError, match=r"bfloat16 optimizer state has keys \['m', 'master', 'v'\]; this optimizer keeps \['m', 'v'\]"):
+            distopt.load_checkpoint(root / "master", model, opt)
 
 
 def run_crash_script(root, crash=None, keep_last=None):
