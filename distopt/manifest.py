@@ -97,7 +97,9 @@ def read_manifest(directory):
         raise CheckpointError(f"{path} is not a valid msgpack manifest ({type(e).__name__}: {e}).") from None
     try:
         validate(manifest)
-    except (TypeError, ValueError, KeyError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a valid distopt manifest: the field {e} is missing.") from None
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid distopt manifest: {e}") from None
     return manifest
 

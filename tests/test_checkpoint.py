@@ -301,6 +301,27 @@ def test_master_checkpoint_needs_master_weights(saved):
             distopt.load_checkpoint(root / "master", model, opt)
 
 
+def test_manifest_parser_refuses_hostile_input(tmp_path):
+    """The manifest is untrusted: deep nesting, wrong types, missing fields, huge files all fail clearly."""
+    cases = [
+        (msgpack.packb([1, 2]), "the manifest must be a dict, got list"),
+        (msgpack.packb({"format": "distopt-checkpoint", "version": 1}), "the field 'num_shards' is missing"),
+        (msgpack.packb({"format": "distopt-checkpoint", "version": 2}), "version 2 is not supported"),
+        (b"\x91" * 100_000, "is not a valid msgpack manifest (StackError"),
+        (msgpack.packb({"a": 1}) + b"junk", "trailing bytes after the manifest"),
+        (b"\x80\x81", "is not a valid msgpack manifest"),
+    ]
+    for data, expected in cases:
+        (tmp_path / MANIFEST).write_bytes(data)
+        with pytest.raises(distopt.CheckpointError) as info:
+            read_manifest(tmp_path)
+        assert expected in str(info.value), str(info.value)
+    with open(tmp_path / MANIFEST, "wb") as f:
+        f.truncate(65 * 1024**2)  # sparse: refused by its size before it is read
+    with pytest.raises(distopt.CheckpointError, match="more than the 67108864 a manifest may have"):
+        read_manifest(tmp_path)
+
+
 def run_crash_script(root, crash=None, keep_last=None):
     env = launcher_env({"DISTOPT_CKPT_CRASH": crash or ""})
     args = [sys.executable, str(SCRIPTS / "ckpt_crash.py"), str(root)] + ([str(keep_last)] if keep_last else [])
