@@ -372,6 +372,22 @@ def test_rank_killed_mid_save_mpi(tmp_path):
     assert latest_step(root) == 1
 
 
+def test_save_needs_a_directory_every_rank_sees(tmp_path):
+    """Rank 1 in its own mount namespace (a private tmpfs at ROOT), as two Macs without a shared volume."""
+    from helpers import run_ranks
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and util-linux unshare to give one rank a private directory")
+    root = tmp_path / "root"
+    code, out, err = run_ranks(2, "ckpt_private.py", root, backend="ring", timeout=60)
+    assert code == 0, out + err
+    for rank in range(2):
+        lines = rank_lines(out, rank)
+        assert f"CKPT error {root}/.tmp-step-00000001-" in lines[0], out
+        assert "is not visible on rank 1: the checkpoint directory must be on a filesystem that every rank sees" in lines[0]
+    assert rank_lines(out, 0)[1] == "CKPT listing " and os.listdir(root) == []
+
+
 def test_save_rejects_bad_arguments(tmp_path):
     model, opt = cc.make_model(), cc.make_optimizer("adamax")
     cc.train(model, opt, 0, 1)
