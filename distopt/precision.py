@@ -91,6 +91,11 @@ class Precision:
         return self.max_norm is not None or self.skip_nonfinite or self.loss_scale is not None
 
     @property
+    def skips(self):
+        """True when a non-finite step is skipped (``skip_nonfinite`` or any loss scale)."""
+        return self.skip_nonfinite or self.loss_scale is not None
+
+    @property
     def active(self):
         """True when any option differs from the plain inner optimizer's behaviour."""
         return self.master_weights or self.reduce_dtype is not None or self.checks
@@ -119,6 +124,7 @@ class Precision:
         state = {}
         if self.checks:
             state["grad_norm"] = mx.array(0.0, mx.float32)
+        if self.skips:
             state["skipped_steps"] = mx.array(0, mx.int32)
         if self.loss_scale is not None:
             init = self.loss_scale.init_scale if self.dynamic else self.loss_scale
@@ -133,7 +139,7 @@ class Precision:
         Returns ``(grads, coefficient, ok)``: the unscaled shards, the clipping
         coefficient :math:`\\min(\\text{max\\_norm} / (\\lVert \\bar g \\rVert + 10^{-6}), 1)`
         (``None`` without clipping), and the 0-d boolean "every rank's gradient is finite"
-        (``None`` when nothing is checked). Updates ``grad_norm``, ``skipped_steps`` and
+        (``None`` unless non-finite steps are skipped). Updates ``grad_norm``, ``skipped_steps`` and
         the loss scale in ``state``. The coefficient is that of
         ``mlx.optimizers.clip_grad_norm`` on the full mean gradient.
         """
@@ -146,13 +152,13 @@ class Precision:
             stats = mx.distributed.all_sum(stats, group=group)
         norm, ok = mx.sqrt(stats[0]), stats[1] == 0
         state["grad_norm"] = norm
+        coefficient = None if self.max_norm is None else mx.minimum(self.max_norm / (norm + 1e-6), 1.0)
+        if not self.skips:
+            return grads, coefficient, None  # clipping only: the step runs whatever it holds, as in MLX
         state["skipped_steps"] = state["skipped_steps"] + mx.where(ok, 0, 1).astype(mx.int32)
         if self.dynamic:
             state["loss_scale"], state["loss_scale_good_steps"] = self.loss_scale.update(state, ok)
-        coefficient = None
-        if self.max_norm is not None:
-            coefficient = mx.minimum(self.max_norm / (norm + 1e-6), 1.0)
-        return grads, coefficient, ok if (self.skip_nonfinite or self.loss_scale is not None) else None
+        return grads, coefficient, ok
 
 
 def gradient_stats(shard):
