@@ -5,8 +5,10 @@
 
 The corpus is examples/data/shakespeare.txt (Hamlet and Macbeth, public domain; see
 examples/data/README.md). The loss starts near ln(vocabulary) = 4.2 nats per character
-and falls below 2.0 within a few hundred steps; a sample of generated text is printed
-at the end.
+and falls as the model learns spelling and line structure (measured: 4.3 -> 2.5 in 300
+steps with ``--dims 64 --batch-size 16``); a sample of generated text is printed at the
+end. The defaults are sized for a Mac; on a small CPU-only machine use e.g.
+``--dims 64 --batch-size 16`` (or ``--dims 32 --layers 1 --context 32`` for a smoke test).
 """
 
 import math
