@@ -161,16 +161,18 @@ def _write_rank_files(plan, model, rank):
         arrays = {f"{n}/{k}": v for n, keys in plan["shards"].items() for k, v in keys.items()}
         if plan["shard_index"] == 0:
             arrays.update({f"global/{k}": v for k, v in plan["globals"].items()})
-        files[_save(tmp, shard_file(plan["shard_index"], plan["manifest"]["num_shards"]), arrays)] = None
+        name = shard_file(plan["shard_index"], plan["manifest"]["num_shards"])
+        files[name] = _save(tmp / name, arrays)
     if rank == 0:
-        files[_save(tmp, MODEL_FILE, plan["params"])] = None
-    return {name: describe_file(tmp / name) for name in files}
+        files[MODEL_FILE] = _save(tmp / MODEL_FILE, plan["params"])
+    return files
 
 
-def _save(directory, name, arrays):
-    mx.save_safetensors(str(Path(directory) / name), arrays, metadata={"format": "mlx"})
-    ckptdir.fsync_file(Path(directory) / name)
-    return name
+def _save(path, arrays):
+    """Write ``arrays`` to ``path``, flush it to disk, and describe it (sha256, bytes)."""
+    mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    ckptdir.fsync_file(path)
+    return describe_file(path)
 
 
 def _publish(plan, files):
