@@ -13,7 +13,8 @@ could) or ``fail`` (a launch would fail), with what was found and how to fix it:
 - Ports: a local TCP listener can be bound and reached (what the ring does), and on
   macOS whether the application firewall is on.
 - Bandwidth: a short ``all_sum`` between 2 ranks on this machine through
-  ``distopt launch``, for each backend that passed, as algorithm and bus bandwidth.
+  ``distopt launch``, for each backend that passed, and (ring) across the hosts of the
+  hostfile when they all passed, as algorithm and bus bandwidth.
 """
 
 import ctypes
@@ -24,7 +25,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -302,54 +302,48 @@ def check_ports():
 
 # --------------------------------------------------------------------------- bandwidth
 
-# One rank of the bandwidth test: all_sum of MIB MiB of float32, REPEATS times.
-RANK_SCRIPT = r"""
-import json, sys, time
-import mlx.core as mx
-import distopt
-group = distopt.init()
-n, size = int(sys.argv[1]) * 2**20 // 4, group.size()
-x = mx.full((n,), float(group.rank() + 1))
-expected = size * (size + 1) / 2
-y = mx.distributed.all_sum(x, group=group); mx.eval(y)
-assert float(y[0]) == expected and float(y[-1]) == expected, "all_sum gave a wrong result"
-times = []
-for _ in range(int(sys.argv[2])):
-    start = time.perf_counter()
-    mx.eval(mx.distributed.all_sum(x, group=group))
-    times.append(time.perf_counter() - start)
-if group.rank() == 0:
-    print("BANDWIDTH " + json.dumps({"bytes": n * 4, "seconds": sorted(times)[len(times) // 2], "size": size}))
-"""
+RANK_SCRIPT = Path(__file__).with_name("bandwidth_rank.py")
 
 
-def bandwidth(backend="ring", mib=16, repeats=5, timeout=60):
-    """Median ``all_sum`` time of ``mib`` MiB between 2 local ranks, as a :class:`Check`.
+def bandwidth(backend="ring", mib=16, repeats=5, timeout=60, hostfile=None, port=None):
+    """Median ``all_sum`` time of ``mib`` MiB between ranks, as a :class:`Check`.
+
+    Without ``hostfile``: 2 ranks on this machine. With it: one rank per host of the
+    hostfile, started by ``distopt launch`` as a training job would be (the rank script
+    ships inside the package, so it exists at the same path on every host).
 
     The algorithm bandwidth is ``bytes / time``; the bus bandwidth ``2 (N-1)/N`` times
     that, the bytes each rank sends over its link in a ring all-reduce.
     """
-    with tempfile.TemporaryDirectory(prefix="distopt-doctor-") as tmp:
-        script = Path(tmp) / "bandwidth_rank.py"
-        script.write_text(RANK_SCRIPT)
-        command = [sys.executable, "-m", "distopt.cli", "launch", "-n", "2", "--backend", backend,
-                   "--timeout", str(timeout), str(script), str(mib), str(repeats)]  # fmt: skip
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return Check(f"bandwidth {backend}", "fail", f"2 local ranks did not finish in {timeout} s", "run `distopt doctor` again; check the ports and firewall")
+    where = "between 2 local ranks"
+    command = [sys.executable, "-m", "distopt.cli", "launch", "--backend", backend, "--timeout", str(timeout)]
+    if hostfile is not None:
+        hosts = load_hostfile(hostfile).hosts
+        where = f"across the {len(hosts)} hosts of {hostfile}"
+        command += ["--hostfile", str(hostfile), "-n", str(len(hosts))]
+        if port:
+            command += ["--port", str(port)]
+    else:
+        command += ["-n", "2"]
+    command += [str(RANK_SCRIPT), str(mib), str(repeats)]
+    name = f"bandwidth {backend}" + (" (hostfile)" if hostfile else "")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return Check(name, "fail", f"ranks {where} did not finish in {timeout} s", "check the ports and the firewall")
     for line in done.stdout.splitlines():
         if "BANDWIDTH " in line:
             r = json.loads(line.split("BANDWIDTH ", 1)[1])
             algbw = r["bytes"] / r["seconds"] / 1e9
             busbw = algbw * 2 * (r["size"] - 1) / r["size"]
             return Check(
-                f"bandwidth {backend}", "ok",
-                f"all_sum of {mib} MiB between 2 local ranks: {r['seconds'] * 1e3:.1f} ms, "
+                name, "ok",
+                f"all_sum of {mib} MiB {where}: {r['seconds'] * 1e3:.1f} ms, "
                 f"{algbw:.2f} GB/s algorithm, {busbw:.2f} GB/s bus",
             )
     tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
-    return Check(f"bandwidth {backend}", "fail", f"exit code {done.returncode}: {' / '.join(tail)}", "see the error above; `distopt launch -n 2` must work")
+    fix = "`distopt launch` must work between these hosts: check ports, firewall and the \"ips\" of each host"
+    return Check(name, "fail", f"exit code {done.returncode}: {' / '.join(tail)}", fix)
 
 
 # --------------------------------------------------------------------------- all
@@ -378,6 +372,8 @@ def run_checks(hostfile=None, python=None, bandwidth_test=True, mib=16, port=Non
         checks.append(bandwidth("ring", mib))
         if not any(c.status == "fail" and c.name in ("open mpi", "mpi4py", "MLX_MPI_LIBNAME") for c in checks):
             checks.append(bandwidth("mpi", mib))
+        if hostfile and not any(c.status == "fail" and c.name.startswith(("host", "python")) for c in checks):
+            checks.append(bandwidth("ring", mib, hostfile=hostfile, port=port))
     return checks
 
 

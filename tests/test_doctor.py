@@ -53,17 +53,31 @@ def lines_about(out, name):
     raise AssertionError(f"no line for {name!r} in:\n{out}")
 
 
-def test_healthy_machine_passes_and_measures_bandwidth():
-    code, out, err = doctor("--mib", "4")
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_healthy_setup_passes_and_measures_bandwidth(tmp_path):
+    agent = tmp_path / "agent.py"
+    agent.write_text(AGENT)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('[{"ssh": "mac1.example", "ips": ["127.0.0.2"]}, {"ssh": "mac2.example", "ips": ["127.0.0.3"]}]')
+    env = {"DISTOPT_RSH": f"{sys.executable} {agent}"}
+    code, out, err = doctor("--hostfile", hostfile, "--port", free_port(), "--mib", "4", env=env)
     assert code == 0, out + err
     assert out.splitlines()[-1] == "all checks passed"
-    for name in ("mlx", "backends", "open mpi", "mpi4py", "MLX_MPI_LIBNAME", "ports", "bandwidth ring", "bandwidth mpi"):
+    names = ["mlx", "backends", "open mpi", "mpi4py", "MLX_MPI_LIBNAME", "ports", "host mac1.example", "host mac2.example"]
+    for name in names + ["bandwidth ring", "bandwidth mpi", "bandwidth ring (hostfile)"]:
         line, _ = lines_about(out, name)
         assert line.startswith("[ok  ]"), line
     assert "ring yes, mpi yes" in lines_about(out, "backends")[0]
     for backend in ("ring", "mpi"):
         line = lines_about(out, f"bandwidth {backend}")[0]
         assert "all_sum of 4 MiB between 2 local ranks" in line and "GB/s bus" in line, line
+    line = lines_about(out, "bandwidth ring (hostfile)")[0]
+    assert f"all_sum of 4 MiB across the 2 hosts of {hostfile}" in line and "GB/s bus" in line, line
 
 
 def test_hostfile_problems_are_named_with_fixes(tmp_path):
@@ -109,7 +123,7 @@ def test_hostfile_problems_are_named_with_fixes(tmp_path):
     assert fix.startswith("       fix: unset it, or export MLX_MPI_LIBNAME=")
     # The ring test still runs; the MPI one is skipped, since MPI cannot start.
     assert lines_about(out, "bandwidth ring")[0].startswith("[ok  ] bandwidth ring: all_sum of 4 MiB")
-    assert "bandwidth mpi" not in out
+    assert "bandwidth mpi" not in out and "bandwidth ring (hostfile)" not in out  # hosts failed
     assert out.splitlines()[-1] == "5 problem(s): MLX_MPI_LIBNAME, host busy.example, host down.example, host old.example, host wrongip.example"
 
 
