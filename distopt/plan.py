@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .layout import DEFAULT_BUCKET_BYTES, dtype_name
+from .layout import DEFAULT_BUCKET_BYTES, dtype_name, split_counts
 from .precision import Precision
 from .sharded import ELEMENTWISE, ShardedOptimizer
 
@@ -61,6 +61,7 @@ def plan(
     skip_nonfinite=False,
     loss_scale=None,
     bucket_bytes=DEFAULT_BUCKET_BYTES,
+    shard_weights=None,
     usable_fraction=0.75,
 ):
     """Bytes per rank to train a model with a sharded optimizer, at stage 1 and 2.
@@ -77,28 +78,33 @@ def plan(
         memory_gb (float or list, optional): each machine's memory in GiB (one number
           for all, or one per rank).
         master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale,
-          bucket_bytes: as for :class:`ShardedOptimizer`.
+          bucket_bytes, shard_weights: as for :class:`ShardedOptimizer`;
+          ``shard_weights="memory"`` sizes shards by ``memory_gb``.
         usable_fraction (float): share of a machine's memory training may use (macOS
           lets the GPU wire about 75% of it). Default ``0.75``.
 
     Returns:
         dict: ``parameters``, ``world_size``, ``optimizer``, ``state_arrays``, and under
         ``"stages"`` the keys ``"unsharded"`` (one rank, no sharding), ``1`` and ``2``,
-        each a dict of the byte counts of :meth:`ShardedOptimizer.memory_report`
-        plus ``fits`` (a bool per rank, or ``None`` without ``memory_gb``).
+        each a dict of the byte counts of :meth:`ShardedOptimizer.memory_report` for
+        the rank with the largest shard, ``ranks`` (the same for every rank) and
+        ``fits`` (a bool per rank, or ``None`` without ``memory_gb``).
     """
     if int(world_size) != world_size or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}.")
     memory = _memory_per_rank(memory_gb, world_size)
+    weights = _shard_weights(shard_weights, memory, world_size)
     sizes = _buffer_sizes(model_or_param_count, dtype)
     slots = _state_arrays(optimizer)
     options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
-    stages = {"unsharded": _bytes(sizes, 1, 1, slots, options, bucket_bytes)}
+    stages = {"unsharded": _stage(sizes, [1], 1, slots, options, bucket_bytes)}
     for stage in (1, 2):
-        stages[stage] = _bytes(sizes, world_size, stage, slots, options, bucket_bytes)
-    for stage, figures in stages.items():
-        budget = [usable_fraction * m * GiB for m in memory] if memory else None
-        figures["fits"] = [figures["total_bytes"] <= b for b in budget] if budget else None
+        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes)
+    budget = [usable_fraction * m * GiB for m in memory] if memory else None
+    for figures in stages.values():
+        totals = [r["total_bytes"] for r in figures["ranks"]]
+        totals = totals * world_size if len(totals) == 1 else totals  # "unsharded": every rank holds it all
+        figures["fits"] = [t <= b for t, b in zip(totals, budget)] if budget else None
     return {
         "parameters": sum(sizes.values()),
         "dtypes": [dtype_name(d) for d in sizes],
@@ -107,32 +113,51 @@ def plan(
         "state_arrays": slots,
         "master_weights": master_weights,
         "memory_gb": memory,
+        "shard_weights": None if shard_weights is None else list(weights),
         "usable_fraction": usable_fraction,
         "stages": stages,
     }
 
 
-def _bytes(sizes, n, stage, slots, options, bucket_bytes):
-    """The :meth:`ShardedOptimizer.memory_report` figures of one rank, from the formula."""
-    out = {key: 0 for key, _ in KINDS[:-1]}
+def _stage(sizes, weights, stage, slots, options, bucket_bytes):
+    """Every rank's figures, and the largest rank's at the top level."""
+    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes)
+    largest = max(ranks, key=lambda r: r["total_bytes"])
+    return {**largest, "ranks": ranks}
+
+
+def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
+    """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula."""
+    n = len(weights)
+    out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
     all_buckets, largest_bucket = 0, 0
     for dtype, size in sizes.items():
         padded = -(-max(size, 1) // n) * n
-        shard = padded // n
         work = options.work_dtype(dtype).size
         reduce = (options.reduce_dtype or dtype).size
         step = max(n, bucket_bytes // dtype.size // n * n)
         all_buckets += padded * reduce
         largest_bucket = max(largest_bucket, min(step, padded) * reduce)
-        out["parameter_bytes"] += size * dtype.size
-        out["gradient_bytes"] += size * dtype.size
-        out["master_weight_bytes"] += shard * 4 if options.has_master(dtype) else 0
-        out["optimizer_state_bytes"] += slots * shard * work
-        out["gradient_shard_bytes"] += shard * work
-    out["optimizer_state_bytes"] += _scalar_bytes(options)
-    out["reduce_buffer_bytes"] = all_buckets if stage == 1 else largest_bucket
-    out["total_bytes"] = sum(out.values())
+        for figures, shard in zip(out, shard_sizes(padded, step, weights)):
+            figures["parameter_bytes"] += size * dtype.size
+            figures["gradient_bytes"] += size * dtype.size
+            figures["master_weight_bytes"] += shard * 4 if options.has_master(dtype) else 0
+            figures["optimizer_state_bytes"] += slots * shard * work
+            figures["gradient_shard_bytes"] += shard * work
+    for figures in out:
+        figures["optimizer_state_bytes"] += _scalar_bytes(options)
+        figures["reduce_buffer_bytes"] = all_buckets if stage == 1 else largest_bucket
+        figures["total_bytes"] = sum(figures.values())
     return out
+
+
+def shard_sizes(padded, step, weights):
+    """Each rank's shard of a padded buffer cut into buckets of ``step`` (as :class:`FlatLayout`)."""
+    full, rest = divmod(padded, step)
+    sizes = [full * c for c in split_counts(step, weights)]
+    if rest:
+        sizes = [a + b for a, b in zip(sizes, split_counts(rest, weights))]
+    return sizes
 
 
 def _scalar_bytes(options):
@@ -226,6 +251,18 @@ def _state_arrays(optimizer):
     return len(state)
 
 
+def _shard_weights(shard_weights, memory, world_size):
+    if shard_weights is None:
+        return [1] * world_size
+    if isinstance(shard_weights, str) and shard_weights == "memory":
+        if memory is None:
+            raise ValueError('shard_weights="memory" needs memory_gb.')
+        return memory
+    if len(shard_weights) != world_size or min(shard_weights) <= 0:
+        raise ValueError(f"shard_weights must be {world_size} positive numbers, one per rank; got {shard_weights!r}.")
+    return list(shard_weights)
+
+
 def _memory_per_rank(memory_gb, world_size):
     if memory_gb is None:
         return None
@@ -247,12 +284,20 @@ def format_plan(result):
         f"({result['state_arrays']} state arrays), {result['world_size']} ranks, master weights {master}",
         f"{'bytes per rank':<24}" + "".join(f"{name:>14}" for name, _ in columns),
     ]
+    unequal = len({r["total_bytes"] for r in stages[1]["ranks"]}) > 1
+    if unequal:
+        lines[0] += f", shards weighted {_gib_list(result['shard_weights'])}"
+        lines[1] = f"{'largest rank':<24}" + lines[1][24:]
     for key, label in KINDS:
         lines.append(f"{label:<24}" + "".join(f"{_human(figures[key]):>14}" for _, figures in columns))
     if result["memory_gb"]:
         memory = result["memory_gb"]
         usable = f"{result['usable_fraction']:.0%} of {_gib_list(memory)} GiB"
         lines.append(f"{'fits (' + usable + ')':<24}" + "".join(f"{_fits(f['fits']):>14}" for _, f in columns))
+    if unequal:
+        for stage in (1, 2):
+            totals = ", ".join(_human(r["total_bytes"]) for r in stages[stage]["ranks"])
+            lines.append(f"stage {stage} total by rank: {totals}")
     lines.append("Activations are not included; they grow with the batch and sequence length.")
     return "\n".join(lines)
 

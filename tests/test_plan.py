@@ -1,12 +1,13 @@
 """The memory planner: ``distopt.plan`` and ``distopt plan`` against real figures.
 
-At N=2 (ring), for four configurations of a mixed bf16/fp32 model (master weights,
-fp32 reduction, stage 1 and 2, small buckets), the planned bytes per rank equal
+At N=2 (ring), for five configurations of a mixed bf16/fp32 model (master weights,
+fp32 reduction, stage 1 and 2, small buckets, shards weighted 1:3), the planned bytes of each rank equal
 ``memory_report()`` key by key, and the report's parameter, gradient and state bytes
 equal the ``nbytes`` of the arrays the run really holds.
 """
 
 import json
+import math
 
 import mlx.core as mx
 import pytest
@@ -28,13 +29,13 @@ def test_plan_equals_memory_report_of_a_real_run_at_n2():
     assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
     for rank in range(2):
         results = [json.loads(line[5:]) for line in rank_lines(out, rank) if line.startswith("PLAN ")]
-        assert len(results) == 4, out[-3000:]
+        assert len(results) == 5, out[-3000:]
         for r in results:
             report, planned, arrays = r["report"], r["plan"], r["arrays"]
             assert {k: planned[k] for k in KEYS} == {k: report[k] for k in KEYS}, r["config"]
             assert report["parameter_bytes"] == arrays["parameters"] == report["gradient_bytes"] == arrays["gradients"]
             assert report["optimizer_state_bytes"] + report["master_weight_bytes"] == arrays["state"], r["config"]
-            assert planned["fits"] == [True, False]  # 1 GiB fits, 1 KiB does not
+            assert r["fits"] == [True, False]  # 1 GiB fits, 1 KiB does not
 
 
 def test_plan_formula_for_a_7b_model_on_four_macs():
@@ -102,3 +103,16 @@ def test_plan_from_safetensors_headers(tmp_path):
     assert result.exit_code == 2 and "is not a safetensors file (its header is not JSON)" in result.output
     result = CliRunner().invoke(cli, ["plan"])
     assert result.exit_code == 2 and "Give either --params N or --weights" in result.output
+
+
+def test_plan_with_shards_weighted_by_memory():
+    p = distopt.plan(13e9, world_size=3, memory_gb=[64, 32, 32], shard_weights="memory")
+    ranks = p["stages"][2]["ranks"]
+    state = [r["optimizer_state_bytes"] - 12 for r in ranks]  # m and v, bf16, of each rank's shard
+    assert sum(state) == 2 * 2 * 13_000_000_002  # padded to a multiple of 3
+    assert math.isclose(state[0], 2 * state[1], rel_tol=1e-6) and state[1] == state[2]  # bucket rounding only
+    assert p["stages"][2]["total_bytes"] == ranks[0]["total_bytes"] > ranks[1]["total_bytes"]
+    with pytest.raises(ValueError, match='shard_weights="memory" needs memory_gb'):
+        distopt.plan(1e9, world_size=2, shard_weights="memory")
+    result = CliRunner().invoke(cli, ["plan", "--params", "13e9", "-n", "3", "--memory", "64", "--memory", "32", "--memory", "32", "--shard-by-memory"])
+    assert result.exit_code == 0 and "shards weighted 64/32/32" in result.output and "stage 2 total by rank: " in result.output

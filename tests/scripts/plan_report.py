@@ -33,6 +33,7 @@ CONFIGS = [
     ("adamax", 2, dict(master_weights=True, bucket_bytes=512)),
     ("sgd", 1, dict(master_weights=True, reduce_dtype=mx.float32, max_norm=1.0)),
     ("adagrad", 2, dict(skip_nonfinite=True, bucket_bytes=1000)),
+    ("adamax", 1, dict(master_weights=True, shard_weights=[1, 3], bucket_bytes=700)),
 ]
 CLASSES = {"adamax": distopt.Adamax, "sgd": distopt.SGD, "adagrad": distopt.Adagrad}
 
@@ -56,7 +57,8 @@ def main():
         print("PLAN " + json.dumps({
             "config": f"{name} stage {stage} {sorted(kwargs)}", "rank": group.rank(), "stage": stage,
             "report": {k: v for k, v in report.items()},
-            "plan": {k: v for k, v in planned["stages"][stage].items()},
+            "plan": planned["stages"][stage]["ranks"][group.rank()],
+            "fits": planned["stages"][stage]["fits"],
             "arrays": {
                 "parameters": nbytes(model.parameters()), "gradients": nbytes(grads), "state": nbytes(opt.state),
             },
