@@ -14,7 +14,8 @@ rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
 
 where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
 otherwise, and the reduce buffers :math:`R` are the flat gradient buckets: all of them
-(:math:`\\hat P` elements) at stage 1, the largest one at stage 2. These are exactly the
+(:math:`\\hat P` elements) at stage 1, the largest one at stage 2. With shard weights,
+rank r's shard of every bucket replaces :math:`\\hat P / N`. These are exactly the
 figures of :meth:`ShardedOptimizer.memory_report`; activations are not included.
 """
 
@@ -87,7 +88,7 @@ def plan(
         dict: ``parameters``, ``world_size``, ``optimizer``, ``state_arrays``, and under
         ``"stages"`` the keys ``"unsharded"`` (one rank, no sharding), ``1`` and ``2``,
         each a dict of the byte counts of :meth:`ShardedOptimizer.memory_report` for
-        the rank with the largest shard, ``ranks`` (the same for every rank) and
+        the rank with the largest shard, ``ranks`` (one such dict per rank) and
         ``fits`` (a bool per rank, or ``None`` without ``memory_gb``).
     """
     if int(world_size) != world_size or world_size < 1:
