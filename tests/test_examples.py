@@ -92,8 +92,9 @@ def test_charlm_and_bf16_finetune(tmp_path):
     )
     assert "bf16" in out2 and "fp32 master shards" in out2
     assert_falls(t2, 0.2, "finetune N=2")
-    # bf16 gradients (8-bit mantissa) are averaged in a different order for N=1 and N=2.
-    assert_same_curve(t1, t2, 2e-2, "finetune N=1 vs N=2")
+    # bf16 gradients (8-bit mantissa) are averaged in a different order for N=1 and N=2
+    # (measured differences up to 5e-4).
+    assert_same_curve(t1, t2, 5e-3, "finetune N=1 vs N=2")
     resumed, out3 = launch(2, "finetune_bf16.py", *tune, "--resume", tmp_path / "tune" / "step-00000008")
     assert sorted(resumed) == [10, 12, 14, 16], out3
     assert resumed == {s: t2[s] for s in resumed}, "resume restores bf16 weights, fp32 masters and state exactly"
