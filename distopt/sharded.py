@@ -67,6 +67,12 @@ class ShardedOptimizer(optim.Optimizer):
 
     With one rank and none of the precision options, the inner optimizer runs
     unchanged; with any of them, the flat path runs with a single shard.
+
+    State: ``state["shards"][dtype_name]`` holds this rank's flat shard of every state
+    key of the inner optimizer and, with master weights, ``"master"`` (fp32); the
+    options add the 0-d arrays ``grad_norm``, ``skipped_steps``, ``loss_scale`` and
+    ``loss_scale_good_steps`` at the top level when they use them. To compile the
+    step, call ``init(model.trainable_parameters())`` first.
     """
 
     def __init__(
