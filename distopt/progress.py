@@ -44,8 +44,9 @@ class Progress:
           last step). Default: ``10``
         stream (file, optional): where to write. Default: ``sys.stdout``
         tty (bool, optional): draw a live bar; default: whether ``stream`` is a terminal.
-        traffic (distopt.comm.Traffic, optional): byte counter of the optimizer's
-          communicator (``optimizer.comm.traffic``); its growth per step is shown.
+        traffic (optional): a :class:`~distopt.ShardedOptimizer` (its communicator's byte
+          counter, which exists from its first step on) or a ``distopt.comm.Traffic``;
+          the bytes this rank sent and received per step are shown.
         unit (str, optional): what ``tokens`` counts, shown as ``unit/s``. Default: ``"tok"``
 
     Example:
@@ -65,6 +66,7 @@ class Progress:
         self.tty = tty if tty is not None else _wants_bar(self.stream)
         self.traffic = traffic
         self.history = []
+        self._dirty = False  # a bar is drawn and its line not ended
         self._last_step = start
         self._window = []  # (seconds, tokens, bytes) per step since the last kept line
         self._clock = time.perf_counter()
@@ -106,12 +108,13 @@ class Progress:
             self.stream.flush()
             self._dirty = False
 
-    _dirty = False
-
     def _traffic_bytes(self):
-        if self.traffic is None:
+        counter = self.traffic
+        if hasattr(counter, "comm"):  # an optimizer
+            counter = getattr(counter.comm, "traffic", None)
+        if counter is None:
             return 0
-        return self.traffic.total_sent() + self.traffic.total_received()
+        return counter.total_sent() + counter.total_received()
 
     def _rates(self):
         seconds = sum(w[0] for w in self._window)

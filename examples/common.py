@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import distopt
-from distopt.progress import Progress, show_rank_errors
+from distopt.progress import show_rank_errors
 
 
 def parser(description, steps, batch_size, lr):
@@ -62,28 +62,9 @@ def global_mean(value, group):
 
 
 def progress_for(args, group, optimizer, start=0, unit="tok"):
-    """A :class:`~distopt.progress.Progress` that shows the optimizer's bytes per step."""
-    traffic = _Lazy(optimizer) if group.size() > 1 else None
-    return Progress(args.steps, rank=group.rank(), start=start, every=args.log_every, traffic=traffic, unit=unit)
-
-
-class _Lazy:
-    """The optimizer's traffic counter, which exists only after its first step."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def _t(self):
-        comm = getattr(self.optimizer, "comm", None)
-        return getattr(comm, "traffic", None)
-
-    def total_sent(self):
-        t = self._t()
-        return t.total_sent() if t else 0
-
-    def total_received(self):
-        t = self._t()
-        return t.total_received() if t else 0
+    """A :class:`distopt.Progress` for rank 0 that also shows the optimizer's bytes per step."""
+    traffic = optimizer if group.size() > 1 else None
+    return distopt.Progress(args.steps, rank=group.rank(), start=start, every=args.log_every, traffic=traffic, unit=unit)
 
 
 def save(directory, step, model, optimizer, keep_last=3):

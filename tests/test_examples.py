@@ -57,6 +57,9 @@ def test_mlp_curve_equal_for_1_and_2_ranks_and_resume(tmp_path):
     # fp32: one mean over 256 rows vs the mean of two means over 128 rows, then the same update.
     assert_same_curve(one, two, 1e-4, "mlp N=1 vs N=2")
     assert "train accuracy" in out
+    # Bytes per step on 2 ranks: 19,978 fp32 parameters = 2 parts of 9,989; the reduce-scatter
+    # and the all-gather each send one part and receive one: 4 x 9,989 x 4 B = 159,824 B.
+    assert all(line.endswith("| 159.8 kB/step") for line in out.splitlines() if "/step" in line), out
     assert (ck / "step-00000015").is_dir() and (ck / "latest").read_text().strip() == "step-00000030"
 
     # Resume at step 15: on the same N, bit for bit the uninterrupted run; on 4 ranks (MPI), within rounding.
