@@ -16,17 +16,19 @@ bucket for equal parts: what one ring all-reduce moves.
 
 - :class:`NativeComm`: MLX's ``sum_scatter`` and ``all_gather`` (NCCL, JACCL; equal
   parts only).
-- :class:`MpiComm`: Open MPI's ``Reduce_scatter``/``Allgatherv`` through mpi4py, on
-  zero-copy NumPy views of the MLX buffers (MPI backend). float16/bfloat16 are summed
-  by a user operation that adds in float32 and rounds to nearest even, as MLX does.
 - :class:`RingComm`: :class:`distopt.ring.Ring`, built from MLX ``send``/``recv``
-  (TCP ring backend; also runs on MPI).
+  (default on the TCP ring and on MPI).
+- :class:`MpiComm`: Open MPI's ``Reduce_scatter``/``Allgatherv`` through mpi4py, on
+  zero-copy NumPy views of the MLX buffers (MPI backend, ``DISTOPT_COMM=mpi4py``).
+  float16/bfloat16 are summed by a user operation that adds in float32 and rounds to
+  nearest even, as MLX does.
 - :class:`AllSumComm`: ``all_sum`` then slice; 1.5x the bytes, the last resort.
 
 ``DISTOPT_COMM=native|mpi4py|ring|allsum`` (or ``make_communicator(..., choice=)``)
 forces a path; a path the backend cannot run raises a ``ValueError`` before any
 collective. Inside ``mx.compile`` (where nothing can be evaluated mid-graph)
-:class:`MpiComm` and :class:`RingComm` hand each call to :class:`AllSumComm`.
+:class:`MpiComm` and :class:`RingComm` fall back to ``all_gather`` exchanges (two
+ranks, equal parts) or :class:`AllSumComm`, and say so once in the log.
 """
 
 import logging
@@ -102,6 +104,7 @@ class Communicator:
     """Base: the group, its rank and size, and the traffic counter."""
 
     name = "base"
+    lazy = False  # True: leave collectives in the graph (GPU backends); False: run each now
 
     def __init__(self, group):
         self.group = group
@@ -118,12 +121,16 @@ class Communicator:
         shards), so two ranks can start different collectives and hang or mix their
         data. Chaining every collective of a step to the previous one with
         ``mx.depends`` fixes one order on every rank, also inside ``mx.compile``.
+        Outside ``mx.compile`` a CPU communicator (``lazy`` False) also runs the
+        collective at once, in program order, as its send/recv and mpi4py paths do.
         """
         key = (traced(x), self.traffic.steps)
         if self._chain is not None and self._chain[1] == key:
             x = mx.depends(x, self._chain[0])
         out = collective(x)
         self._chain = (out, key)
+        if not key[0] and not self.lazy:
+            mx.eval(out)
         return out
 
     def _count_ring(self, op, bucket, itemsize):
@@ -140,6 +147,7 @@ class NativeComm(Communicator):
     """MLX's own ``sum_scatter`` + ``all_gather``: NCCL and JACCL, equal parts only."""
 
     name = "native"
+    lazy = True
 
     def reduce_scatter(self, flat, bucket):
         """This rank's part of the sum of ``flat`` over ranks (``sum_scatter``)."""
@@ -190,6 +198,7 @@ class _Eager(Communicator):
         super().__init__(group)
         self.fallback = AllSumComm(group)
         self.fallback.traffic = self.traffic
+        self.fallback._ordered = self._ordered  # one chain for all collectives of a step
 
     def _compiled(self, x):
         if traced(x):
@@ -214,11 +223,15 @@ class _Eager(Communicator):
 
 
 class RingComm(_Eager):
-    """Ring reduce-scatter (and, for unequal parts, all-gather) from MLX ``send``/``recv``.
+    """Reduce-scatter from MLX ``send``/``recv`` around the ring (:class:`distopt.ring.Ring`).
 
-    Equal parts are gathered by MLX's ``all_gather``, already a ring that moves
-    (N-1)/N of the bucket. On the TCP ring backend each step's send and receive
-    run concurrently on two CPU streams; elsewhere they run in rank-parity order.
+    On the TCP ring backend each step's send and receive run concurrently on two
+    CPU streams, elsewhere in rank-parity order. Equal parts are gathered by MLX's
+    ``all_gather``, already a ring moving (N-1)/N of the bucket. Inside ``mx.compile``,
+    where send/recv cannot be ordered (a ``recv`` has no input to chain), two ranks
+    with equal parts exchange halves with one ``all_gather`` of the part each sends
+    (the same bytes; measured slower eagerly than send/recv) and anything else uses
+    :class:`AllSumComm`.
     """
 
     name = "ring"
@@ -233,16 +246,30 @@ class RingComm(_Eager):
         self.traffic.add(op, self.ring.sent - before[0], self.ring.received - before[1])
         return out
 
-    def _reduce_scatter(self, flat, bucket):
+    def reduce_scatter(self, flat, bucket):
+        """This rank's part of the sum of ``flat`` over ranks."""
+        if traced(flat):
+            if self.size == 2 and len(set(bucket.counts)) == 1:
+                return self._pair_reduce_scatter(flat, bucket)
+            self._compiled(flat)
+            return self.fallback.reduce_scatter(flat, bucket)
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(flat, bucket.counts))
 
-    def _all_gather(self, part, bucket):
+    def all_gather(self, part, bucket):
+        """The whole bucket from every rank's ``part``."""
         if len(set(bucket.counts)) == 1:
             self._count_ring("all_gather", bucket, part.dtype.size)
-            full = mx.distributed.all_gather(part, group=self.group)
-            mx.eval(full)  # in program order, like the send/recv steps
-            return full
+            return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
+        if self._compiled(part):
+            return self.fallback.all_gather(part, bucket)
         return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))
+
+    def _pair_reduce_scatter(self, flat, bucket):
+        """Two ranks: ``all_gather`` of the part each sends, plus this rank's own part."""
+        c, peer = bucket.counts[0], 1 - self.rank
+        self._count_ring("reduce_scatter", bucket, flat.dtype.size)
+        rows = self._ordered(flat[peer * c : (peer + 1) * c][None], lambda x: mx.distributed.all_gather(x, group=self.group))
+        return rows[peer] + flat[self.rank * c : (self.rank + 1) * c]
 
 
 class MpiComm(_Eager):
@@ -385,14 +412,14 @@ def make_communicator(group, equal_parts=True, choice=None):
             raise ValueError(f"The send/recv ring needs the ring or mpi backend (MLX send/recv); this group runs on {backend!r}.")
         return RingComm(group, duplex=backend == "ring")
     _warn_once(("allsum", backend), "distopt: reduce-scatter by all_sum + slice on backend %r (1.5x the bytes of a ring).", backend)
-    return AllSumComm(group)
+    comm = AllSumComm(group)
+    comm.lazy = backend in ("nccl", "jaccl")
+    return comm
 
 
 def _automatic(backend, equal_parts):
     if backend in ("nccl", "jaccl"):
         return "native" if equal_parts else "allsum"
-    if backend == "mpi":
-        return "mpi4py"
-    if backend == "ring":
-        return "ring"
+    if backend in ("mpi", "ring"):
+        return "ring"  # on MPI, measured faster than Open MPI's Reduce_scatter (README, Communication)
     return "allsum"
