@@ -38,7 +38,7 @@ def describe_buffer(buf, keys):
 def split_state(state):
     """``(globals, shards)`` of a sharded optimizer's state: flat top-level arrays and the shard dicts."""
     rest = {k: v for k, v in state.items() if k != "shards"}
-    return dict(tree_flatten(rest)), state.get("shards", {})
+    return {k: v for k, v in tree_flatten(rest) if isinstance(v, mx.array)}, state.get("shards", {})
 
 
 def from_mlx_layout(state, parameters):
@@ -54,6 +54,8 @@ def from_mlx_layout(state, parameters):
     """
     per_param, globals_ = {}, {}
     for key, value in tree_flatten(state):
+        if not isinstance(value, mx.array):
+            continue  # not an array: nothing a safetensors file can hold
         path, name = _owner(key, parameters)
         if path is None:
             globals_[key] = value

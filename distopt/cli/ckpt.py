@@ -17,7 +17,11 @@ def ckpt_command():
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--no-verify", is_flag=True, help="Do not check the files' sha256.")
 def inspect_command(directory, no_verify):
-    """Print the manifest summary of DIR (a checkpoint, or a root: its latest)."""
+    """Summarize DIR and check its files' sha256.
+
+    DIR is a checkpoint or a checkpoint root (its latest checkpoint). Exits 1 if a
+    file is missing or altered.
+    """
     try:
         m = summary(directory, verify=not no_verify)
     except CheckpointError as e:
@@ -31,7 +35,12 @@ def inspect_command(directory, no_verify):
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 def consolidate_command(directory, out):
-    """Write OUT/model.safetensors and OUT/optimizer.safetensors (mlx.optimizers layout)."""
+    """Convert DIR to plain MLX files in OUT.
+
+    Writes OUT/model.safetensors (weights) and OUT/optimizer.safetensors (the
+    mlx.optimizers state, flattened), plus OUT/master.safetensors for fp32 master
+    weights. Existing files are never overwritten.
+    """
     try:
         written = consolidate(directory, out)
     except CheckpointError as e:
