@@ -225,6 +225,9 @@ def load_checkpoint(directory, model, optimizer):
         optimizer: a :class:`~distopt.ShardedOptimizer` (any world size) or a plain
           ``mlx.optimizers`` optimizer, of the saved class and hyperparameters.
 
+    The step count, learning rate (and schedule position) come from the checkpoint;
+    set ``optimizer.learning_rate`` after loading to train on with another constant rate.
+
     Returns:
         dict: the ``metadata`` given to :func:`save_checkpoint`.
 
@@ -255,7 +258,7 @@ def _read(directory, model, optimizer, rank):
     params = dict(tree_flatten(model.parameters()))
     _check_model(manifest, params)
     _check_buffers(manifest, params)
-    weights = _load_file(path, manifest, MODEL_FILE, manifest["model"]["arrays"])
+    weights = load_verified_file(path, manifest, MODEL_FILE, manifest["model"]["arrays"])
     if _is_sharded(optimizer):
         state = _sharded_state(path, manifest, optimizer, rank)
     else:
@@ -335,10 +338,10 @@ def _load_shard(path, manifest, r):
         expected += [[f"{name}/{k}", [size], dtype] for k, dtype in desc["keys"].items()]
     if r == 0:
         expected += [[f"global/{p}", s, d] for p, s, d in manifest["globals"]["arrays"]]
-    return _load_file(path, manifest, manifest["shards"][r], expected)
+    return load_verified_file(path, manifest, manifest["shards"][r], expected)
 
 
-def _load_file(path, manifest, name, expected):
+def load_verified_file(path, manifest, name, expected):
     """The arrays of a verified safetensors file, which must be exactly ``expected`` ([name, shape, dtype])."""
     file = verify_file(path, manifest, name)
     arrays = mx.load(str(file))

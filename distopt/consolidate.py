@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import ckptdir
-from .checkpoint import _load_file, mlx_state_items
+from .checkpoint import load_verified_file, mlx_state_items
 from .manifest import MODEL_FILE, CheckpointError, read_manifest, verify_file
 
 MLX_GLOBALS = ("step", "learning_rate")
@@ -37,7 +37,7 @@ def consolidate(directory, out):
     for name in names:
         if (out / name).exists():
             raise CheckpointError(f"{out / name} exists; consolidate into a new or empty directory.")
-    _load_file(path, manifest, MODEL_FILE, manifest["model"]["arrays"])  # checks the weights
+    load_verified_file(path, manifest, MODEL_FILE, manifest["model"]["arrays"])  # checks the weights
     keep = set(MLX_GLOBALS) | set(manifest["optimizer"]["schedules"])
     globals_ = {p for p, _, _ in manifest["globals"]["arrays"]}
     state, master = {}, {}
