@@ -27,8 +27,13 @@ variable ``DISTOPT_TIMEOUT``, else 300 s; 0 disables the watchdog. Every
 ``DISTOPT_HEARTBEAT`` seconds (default 60, 0 for never) each rank logs one line
 with its step and median step time.
 
-When ``init`` runs outside the main thread no signal handler can be installed; the
-watchdog then counts from the last step mark instead.
+MLX's ``distributed.init`` holds the GIL while it waits for the other ranks, so the
+thread cannot run then: :func:`guard` keeps that deadline with a small helper
+process instead. On MPI an uncaught exception calls ``MPI_Abort``, ending the job at
+once. Steps are counted by ``apply_gradients`` calls, so a step compiled with
+``mx.compile`` counts once (when it is traced). When ``init`` runs outside the main
+thread no signal handler can be installed; the watchdog then counts from the last
+step mark instead.
 """
 
 import linecache

@@ -122,6 +122,24 @@ def printed_checkpoints(run):
     return [int(line.split()[-1]) for line in run.find("[rank 0] checkpoint ")]
 
 
+def checkpoint_problem(run, ckpt, every=5):
+    """``""`` when the latest checkpoint loads and is at least the last one reported, else why not.
+
+    It may be newer than the last one printed: ranks can save once more between the
+    fault and their end (mpirun takes a few tenths of a second to forward SIGTERM).
+    """
+    saved = printed_checkpoints(run)
+    if not saved:
+        return "no checkpoint was reported saved"
+    try:
+        step = last_checkpoint_step(ckpt)
+    except Exception as e:  # the message is the finding
+        return f"the last checkpoint does not load: {type(e).__name__}: {e}"
+    if step < saved[-1] or step % every:
+        return f"the last checkpoint is step {step}, but step {saved[-1]} was reported saved"
+    return ""
+
+
 def _when_line(launcher, lines, start, trigger, fault_at):
     """Call ``trigger[1]()`` once a line holding ``trigger[0]`` appears (e.g. SIGTERM as Ctrl-C)."""
     needle, action = trigger
