@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import distopt
 from distopt.comm import make_communicator
-from distopt.layout import FlatLayout
+from distopt.layout import Bucket, FlatLayout
 
 SIZES = (1, 2, 3, 5, 7, 64, 1001, 100003)
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -79,9 +79,24 @@ def collectives(path, group):
                     check(full.dtype == dtype and mx.array_equal(full, expected).item(), "all_gather", *where)
                     counted = (comm.traffic.total_sent(), comm.traffic.total_received())
                     check(counted == expected_traffic(bucket, rank, dtype.size, path), "traffic", counted, *where)
+    empty_parts(path, group, comm)
     print(f"OK {path} collectives ({time.perf_counter() - start:.1f} s)", flush=True)
     if n == 2:
         half_rounding(path, group, comm)
+
+
+def empty_parts(path, group, comm):
+    """Parts of 0 elements (every other rank) are neither sent nor received, and sum right."""
+    rank, n = group.rank(), group.size()
+    counts = tuple((k % 2) * (k + 1) for k in range(n))
+    bucket = Bucket(0, sum(counts), counts)
+    xs = [mx.arange(bucket.stop, dtype=mx.float32) * (q + 1) for q in range(n)]
+    lo, hi = bucket.part(rank)
+    part = comm.reduce_scatter(xs[rank], bucket)
+    check(mx.array_equal(part, sum(xs)[lo:hi]).item(), "empty parts reduce_scatter", path, counts)
+    full = comm.all_gather(xs[rank][lo:hi], bucket)
+    expected = mx.concatenate([xs[q][slice(*bucket.part(q))] for q in range(n)])
+    check(mx.array_equal(full, expected).item(), "empty parts all_gather", path, counts)
 
 
 def half_rounding(path, group, comm):
