@@ -84,7 +84,11 @@ class Ring:
         ``counts[k]`` is the length of part k; ``sum(counts) == flat.size``.
         """
         starts = [sum(counts[:k]) for k in range(self.size)]
-        chunk = lambda k: flat[starts[k % self.size] : starts[k % self.size] + counts[k % self.size]]  # noqa: E731
+
+        def chunk(k):
+            k %= self.size
+            return flat[starts[k] : starts[k] + counts[k]]
+
         mx.eval(flat)
         acc = chunk(self.rank - 1)
         for s in range(self.size - 1):
