@@ -28,6 +28,7 @@ from .hostfile import Host, split_address
 BACKENDS = ("ring", "mpi")
 DEFAULT_RING_PORT = 5000
 GRACE_SECONDS = 5.0
+REPORTED_WAIT = 2.0  # seconds mpirun may take to exit after it reports a failed rank
 TIMEOUT_EXIT_CODE = 124
 
 
@@ -344,18 +345,25 @@ class _RankOutput:
 
 
 class _MpiOutput:
-    """Turns mpirun's ``[1,k]<stdout>: `` tags into ``[rank k] ``; notes the failed rank."""
+    """Turns mpirun's ``[1,k]<stdout>: `` tags into ``[rank k] ``; notes the failed rank.
+
+    ``reported`` (set by :func:`supervise`) is called when mpirun reports a failed
+    rank: mpirun should exit right after, and is stopped if it does not.
+    """
 
     TAG = re.compile(rb"^\[\d+,(\d+)\]<std(?:out|err)>: ?")
-    FAILED = re.compile(rb"Process name: \[.*,(\d+)\]")
+    FAILED = re.compile(rb"Process name: \[.*,(\d+)\]|process rank (\d+) with PID")
 
     def __init__(self):
         self.failed_rank = None
+        self.reported = None
 
     def __call__(self, line):
         found = self.FAILED.search(line)
         if found and self.failed_rank is None:
-            self.failed_rank = int(found.group(1))
+            self.failed_rank = int(found.group(1) or found.group(2))
+            if self.reported:
+                self.reported()
         return self.TAG.sub(rb"[rank \1] ", line)
 
     def describe(self, code):
@@ -409,14 +417,17 @@ def supervise(processes, timeout=None, grace=GRACE_SECONDS):
             for index, process in enumerate(processes):
                 popen = _start(process)
                 running.append(popen)
+                if isinstance(process.output, _MpiOutput):
+                    process.output.reported = lambda i=index: events.put(("reported", i))
                 readers += _start_readers(popen, process.output)
                 _start_waiter(index, popen, events)
         except OSError as e:
             _stop(running, signal.SIGKILL)
             raise LaunchError(f"cannot start {processes[len(running)].argv[0]}: {e.strerror}") from None
         code = _watch(processes, running, events, timeout, grace)
+    drained = time.monotonic() + 2  # output still held open by an unreachable host's process: give up
     for reader in readers:
-        reader.join(timeout=2)
+        reader.join(timeout=max(0.0, drained - time.monotonic()))
     return code
 
 
@@ -455,10 +466,10 @@ def _start_waiter(index, popen, events):
 def _watch(processes, running, events, timeout, grace):
     """The event loop: exits, signals, the job timeout and the SIGKILL deadline."""
     pending = set(range(len(running)))
-    result, kill_at = None, None
+    result, kill_at, reported_at = None, None, None
     deadline = time.monotonic() + timeout if timeout else None
     while pending:
-        wake = min((t for t in (deadline, kill_at) if t is not None), default=None)
+        wake = min((t for t in (deadline, kill_at, reported_at) if t is not None), default=None)
         try:
             event = events.get(timeout=None if wake is None else max(0.0, wake - time.monotonic()))
         except queue.Empty:
@@ -466,6 +477,12 @@ def _watch(processes, running, events, timeout, grace):
             if kill_at is not None and now >= kill_at:
                 _stop([running[i] for i in pending], signal.SIGKILL)
                 kill_at = None
+            if reported_at is not None and now >= reported_at:  # e.g. a host it cannot reach
+                reported_at = None
+                _say(f"mpirun reported a failed rank but still runs {min(grace, REPORTED_WAIT):g} s later "
+                     "(a host it cannot reach?); killing it")
+                result = result or 1
+                _stop([running[i] for i in pending], signal.SIGKILL)
             if deadline is not None and now >= deadline:
                 deadline = None
                 if result is None:
@@ -473,7 +490,10 @@ def _watch(processes, running, events, timeout, grace):
                     result = TIMEOUT_EXIT_CODE
                     kill_at = _stop([running[i] for i in pending], signal.SIGTERM, grace)
             continue
-        if event[0] == "exit":
+        if event[0] == "reported":
+            if event[1] in pending and reported_at is None:
+                reported_at = time.monotonic() + min(grace, REPORTED_WAIT)
+        elif event[0] == "exit":
             _, index, code = event
             pending.discard(index)
             if code != 0 and result is None:

@@ -130,8 +130,16 @@ class TestHosts:
             return None
         return f"`tc qdisc add ... netem` fails: {done.stderr.strip()} (the kernel lacks sch_netem)"
 
+    def pids(self):
+        """Processes still running inside the namespaces, by namespace."""
+        found = {name: sh("ip", "netns", "pids", name, check=False).stdout.split() for name in self.names}
+        return {name: pids for name, pids in found.items() if pids}
+
     def close(self):
-        """Delete the namespaces (their veth pairs go with them) and the bridge."""
+        """Kill what still runs inside, delete the namespaces (their veth pairs go with them) and the bridge."""
+        for pids in self.pids().values():
+            for pid in pids:
+                sh("kill", "-9", pid, check=False)
         for name in self.names:
             sh("ip", "netns", "del", name, check=False)
         for veth in self.veths:

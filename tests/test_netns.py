@@ -90,17 +90,28 @@ def test_ring_listens_on_hostfile_addresses_and_init_times_out(make_hosts, tmp_p
         assert not any(word.startswith(("0.0.0.0:", "*:", "[::]:")) for word in local), (name, listening[name])
 
 
-def test_cut_link_mid_run_fails_within_the_deadline(make_hosts, tmp_path):
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_cut_link_mid_run_fails_within_the_deadline(make_hosts, tmp_path, backend):
+    """Host 1's link goes down at step 5: the watchdog names the stuck step, the job ends.
+
+    mpirun cannot reach its daemon on the cut host to stop it, so it hangs after
+    reporting the failure; ``distopt launch`` then kills it. That daemon stays on the
+    cut host (as it would on a real Mac until its connection times out): printed here.
+    """
     hosts = make_hosts(3)
-    run = run_fault("ring", 3, "none", 0, 0, deadline=DEADLINE, steps=200,
-                    launch_args=["--hostfile", hosts.hostfile(tmp_path / "hosts.json")],
+    hostfile = hosts.hostfile(tmp_path / "hosts.json", by_ip=backend == "mpi")
+    run = run_fault(backend, 3, "none", 0, 0, deadline=DEADLINE, steps=300, launch_args=["--hostfile", hostfile],
                     env={"DISTOPT_RSH": hosts.rsh}, trigger=("] step 5 ", lambda: hosts.cut(1)), limit=90)
-    assert run.code == 124, run.text
-    assert run.leftovers == [], run.text
+    assert run.code != 0 and run.leftovers == [], run.text
     assert run.gone_after <= DEADLINE + 10, f"{run.gone_after:.1f} s\n{run.text}"
     assert run.find("watchdog: no progress"), run.text
     assert run.find("did not complete (its reduce-scatter / all-gather never finished)"), run.text
     assert not run.find("] done"), run.text
+    left = hosts.pids()
+    print(f"\n{backend}: ended {run.gone_after:.1f} s after the cut, code {run.code}; "
+          f"processes left in the namespaces: {left or 'none'}")
+    if backend == "ring":
+        assert run.code == 124 and left == {}, run.text
 
 
 def steps_table(hosts, hostfile, sizes):
