@@ -11,10 +11,14 @@ rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
     + \\underbrace{k\\, w \\hat P / N}_{\\text{state}}
     + \\underbrace{w \\hat P / N}_{\\text{mean gradient shard}}
     + \\underbrace{R}_{\\text{reduce buffers}}
+    + \\underbrace{(k + 1)\\, w \\hat P / N + s \\hat P / N + s \\hat P}_{\\text{update buffers}}
 
 where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
 otherwise, and the reduce buffers :math:`R` are the flat gradient buckets: all of them
-(:math:`\\hat P` elements) at stage 1, the largest one at stage 2. With shard weights,
+(:math:`\\hat P` elements) at stage 1, the largest one at stage 2. The update buffers
+are what the update allocates before the old arrays go: new state and parameter (or
+master) shards, the shard in the model's dtype and the gathered flat parameters; so the
+sum is the peak of a step, less activations. With shard weights,
 rank r's shard of every bucket replaces :math:`\\hat P / N`. These are exactly the
 figures of :meth:`ShardedOptimizer.memory_report`; activations are not included.
 """
@@ -44,7 +48,8 @@ KINDS = (
     ("optimizer_state_bytes", "optimizer state"),
     ("gradient_shard_bytes", "mean gradient shard"),
     ("reduce_buffer_bytes", "reduce buffers"),
-    ("total_bytes", "total per rank"),
+    ("update_buffer_bytes", "update buffers"),
+    ("total_bytes", "peak per rank"),
 )
 GiB = 1024**3
 
@@ -145,6 +150,7 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
             figures["master_weight_bytes"] += shard * 4 if options.has_master(dtype) else 0
             figures["optimizer_state_bytes"] += slots * shard * work
             figures["gradient_shard_bytes"] += shard * work
+            figures["update_buffer_bytes"] += (slots + 1) * shard * work + shard * dtype.size + padded * dtype.size
     for figures in out:
         figures["optimizer_state_bytes"] += _scalar_bytes(options)
         figures["reduce_buffer_bytes"] = all_buckets if stage == 1 else largest_bucket

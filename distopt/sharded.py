@@ -358,7 +358,10 @@ class ShardedOptimizer(optim.Optimizer):
         (``optimizer_state_bytes_unsharded``: what one unsharded optimizer holds).
         ``gradient_shard_bytes``: the mean gradient shard. ``reduce_buffer_bytes``:
         the flat gradient buckets built for the reduction, all of them at stage 1,
-        the largest one at stage 2. ``total_bytes``: their sum.
+        the largest one at stage 2. ``update_buffer_bytes``: what the update allocates
+        while the old arrays are still alive (new state and parameter shards, the
+        shard in the model's dtype, the gathered flat parameters). ``total_bytes``:
+        their sum, the expected peak of a step without activations.
         """
         scalars = sum(v.nbytes for k, v in self._state.items() if isinstance(v, mx.array))
         if not self.sharded:
@@ -377,10 +380,19 @@ class ShardedOptimizer(optim.Optimizer):
             "optimizer_state_bytes": scalars + state,
             "gradient_shard_bytes": sum(b.shard_size(rank) * self.precision.work_dtype(b.dtype).size for b in buffers.values()),
             "reduce_buffer_bytes": sum(buckets) if self.stage == 1 else max(buckets),
+            "update_buffer_bytes": sum(self._update_buffer_bytes(name, s) for name, s in shards.items()),
         }
         report["total_bytes"] = sum(report.values())
         report.update(optimizer_state_bytes_unsharded=scalars + unsharded, world_size=self.group.size(), stage=self.stage)
         return report
+
+    def _update_buffer_bytes(self, name, shards):
+        """New state and parameter shards, the shard cast or copied, the gathered buffer."""
+        buf, rank = self.layout.buffers[name], self.group.rank()
+        work = self.precision.work_dtype(buf.dtype).size
+        new_state = sum(v.nbytes for k, v in shards.items() if k != "master")
+        shard = buf.shard_size(rank)
+        return new_state + shard * work + shard * buf.dtype.size + buf.padded_size * buf.dtype.size
 
 
 def _tracing(x):

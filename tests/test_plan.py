@@ -20,7 +20,7 @@ from distopt.plan import safetensors_sizes
 
 KEYS = [
     "parameter_bytes", "gradient_bytes", "master_weight_bytes", "optimizer_state_bytes",
-    "gradient_shard_bytes", "reduce_buffer_bytes", "total_bytes",
+    "gradient_shard_bytes", "reduce_buffer_bytes", "update_buffer_bytes", "total_bytes",
 ]  # fmt: skip
 
 
@@ -49,20 +49,22 @@ def test_plan_formula_for_a_7b_model_on_four_macs():
     assert s1["gradient_shard_bytes"] == 4 * shard
     assert s1["reduce_buffer_bytes"] == 14e9 and s2["reduce_buffer_bytes"] == 64 * 1024**2
     assert alone["optimizer_state_bytes"] == 2 * 4 * 7e9 + 12
+    # New m, v and master shards (fp32), the bf16 shard, the gathered bf16 parameters.
+    assert s1["update_buffer_bytes"] == s2["update_buffer_bytes"] == 3 * 4 * shard + 2 * shard + 14e9
     assert s2["total_bytes"] < s1["total_bytes"] < alone["total_bytes"]
-    assert s1["fits"] == [False] * 4 and s2["fits"] == [False] * 4  # 52 GiB > 75% of 64 GiB
-    no_master = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=64)["stages"]
-    assert no_master[2]["fits"] == [True] * 4 and no_master[1]["fits"] == [False] * 4
+    assert s1["fits"] == [False] * 4 and s2["fits"] == [False] * 4  # 88 GiB > 75% of 64 GiB
+    big = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=128, master_weights=True)["stages"]
+    assert big[2]["fits"] == [True] * 4 and big[1]["fits"] == [False] * 4  # 88 and 101 GiB against 96
 
 
 def test_plan_cli_prints_the_table():
-    result = CliRunner().invoke(cli, ["plan", "--params", "7e9", "--optimizer", "adamax", "--dtype", "bf16", "-n", "4", "--memory", "64"])
+    result = CliRunner().invoke(cli, ["plan", "--params", "7e9", "--optimizer", "adamax", "--dtype", "bf16", "-n", "4", "--memory", "128"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "7e+09 parameters (bfloat16), Adamax (2 state arrays), 4 ranks, master weights off"
     assert lines[1].split() == ["bytes", "per", "rank", "no", "sharding", "stage", "1", "stage", "2"]
     assert lines[2].split() == ["parameters", "13.04", "GiB", "13.04", "GiB", "13.04", "GiB"]
-    assert "optimizer state" in result.output and lines[-2].split()[-3:] == ["no", "no", "yes"]
+    assert "optimizer state" in result.output and lines[-2].split()[-3:] == ["no", "yes", "yes"]
 
 
 @pytest.mark.parametrize(
