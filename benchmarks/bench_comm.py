@@ -55,7 +55,7 @@ def all_sum_time(group, x):
 
 def bench(group, path, bucket_bytes, mib, reps, warmup):
     n = group.size()
-    elems = mib * MIB // 4
+    elems = mib * MIB // 4 // n * n  # a multiple of N: no padding, the same buffer for both
     x = mx.random.normal((elems,), key=mx.random.key(group.rank()))
     mx.eval(x)
     layout = FlatLayout({"x": x}, n, bucket_bytes or 2 * elems * 4)

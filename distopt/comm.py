@@ -133,6 +133,11 @@ class Communicator:
             mx.eval(out)
         return out
 
+    def _check(self, x, n, what):
+        """Refuse a buffer of the wrong length before any rank waits on it (it would hang)."""
+        if x.ndim != 1 or x.shape[0] != n:
+            raise ValueError(f"{self.name} {what}: expected a flat buffer of {n} elements, got shape {tuple(x.shape)}.")
+
     def _count_ring(self, op, bucket, itemsize):
         """Count the bytes of a minimal (ring) reduce-scatter or all-gather of ``bucket``."""
         total, c, n, r = bucket.stop - bucket.start, bucket.counts, self.size, self.rank
@@ -151,11 +156,13 @@ class NativeComm(Communicator):
 
     def reduce_scatter(self, flat, bucket):
         """This rank's part of the sum of ``flat`` over ranks (``sum_scatter``)."""
+        self._check(flat, bucket.stop - bucket.start, "reduce_scatter")
         self._count_ring("reduce_scatter", bucket, flat.dtype.size)
         return self._ordered(flat, lambda x: mx.distributed.sum_scatter(x, group=self.group))
 
     def all_gather(self, part, bucket):
         """The whole bucket from every rank's ``part`` (``all_gather``)."""
+        self._check(part, bucket.counts[self.rank], "all_gather")
         self._count_ring("all_gather", bucket, part.dtype.size)
         return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
 
@@ -171,6 +178,7 @@ class AllSumComm(Communicator):
 
     def reduce_scatter(self, flat, bucket):
         """This rank's part of the sum of ``flat``: the whole ``all_sum``, sliced."""
+        self._check(flat, bucket.stop - bucket.start, "reduce_scatter")
         total = bucket.stop - bucket.start
         nbytes = 2 * (total - total // self.size) * flat.dtype.size
         self.traffic.add("reduce_scatter", nbytes, nbytes)
@@ -180,6 +188,7 @@ class AllSumComm(Communicator):
 
     def all_gather(self, part, bucket):
         """The whole bucket: parts padded to the longest, ``all_gather``-ed, unpadded."""
+        self._check(part, bucket.counts[self.rank], "all_gather")
         longest = max(bucket.counts)
         nbytes = (self.size - 1) * longest * part.dtype.size
         self.traffic.add("all_gather", nbytes, nbytes)
@@ -212,11 +221,13 @@ class _Eager(Communicator):
         return False
 
     def reduce_scatter(self, flat, bucket):
+        self._check(flat, bucket.stop - bucket.start, "reduce_scatter")
         if self._compiled(flat):
             return self.fallback.reduce_scatter(flat, bucket)
         return self._reduce_scatter(flat, bucket)
 
     def all_gather(self, part, bucket):
+        self._check(part, bucket.counts[self.rank], "all_gather")
         if self._compiled(part):
             return self.fallback.all_gather(part, bucket)
         return self._all_gather(part, bucket)
@@ -248,6 +259,7 @@ class RingComm(_Eager):
 
     def reduce_scatter(self, flat, bucket):
         """This rank's part of the sum of ``flat`` over ranks."""
+        self._check(flat, bucket.stop - bucket.start, "reduce_scatter")
         if traced(flat):
             if self.size == 2 and len(set(bucket.counts)) == 1:
                 return self._pair_reduce_scatter(flat, bucket)
@@ -257,6 +269,7 @@ class RingComm(_Eager):
 
     def all_gather(self, part, bucket):
         """The whole bucket from every rank's ``part``."""
+        self._check(part, bucket.counts[self.rank], "all_gather")
         if len(set(bucket.counts)) == 1:
             self._count_ring("all_gather", bucket, part.dtype.size)
             return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))

@@ -53,6 +53,12 @@ def expected_traffic(bucket, rank, itemsize, path):
         return (rs + ag) * itemsize, (rs + ag) * itemsize
     sent = (p - c[rank]) + (p - c[(rank + 1) % n])
     received = (p - c[(rank - 1) % n]) + (p - c[rank])
+    if path == "ring" and n > 2 and os.environ.get("DISTOPT_BACKEND") == "ring" and len(set(c)) > 1:
+        # Both directions: first halves of the parts go right, the rest left; the
+        # all-gather of unequal parts goes right only.
+        first = [k // 2 for k in c]
+        second = [k - k // 2 for k in c]
+        received = (sum(first) - first[(rank - 1) % n]) + (sum(second) - second[(rank + 1) % n]) + (p - c[rank])
     return sent * itemsize, received * itemsize
 
 
@@ -186,7 +192,7 @@ def comm_bytes(path, opt, n):
 
 
 def refusals(group):
-    """A path the backend lacks is refused before any collective, naming the problem."""
+    """A path the backend lacks, or a buffer of the wrong length, is refused before any collective."""
     expected = {
         "native": "sum_scatter exists only on the nccl and jaccl backends",
         "mpi4py": "needs the mpi backend",
@@ -199,6 +205,16 @@ def refusals(group):
             check(message in str(e), "wrong message", choice, e)
         else:
             check(False, "accepted", choice)
+    for path in ("ring", "allsum"):
+        comm = make_communicator(group, choice=path)
+        bucket = Bucket(0, 2 * group.size(), (2,) * group.size())
+        for call, x in ((comm.reduce_scatter, mx.zeros((3,))), (comm.all_gather, mx.zeros((3,)))):
+            try:
+                call(x, bucket)
+            except ValueError as e:
+                check("expected a flat buffer of" in str(e) and "got shape (3,)" in str(e), "wrong message", e)
+            else:
+                check(False, "accepted a buffer of the wrong length", path)
     print("OK refusals", flush=True)
 
 
