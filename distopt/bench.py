@@ -607,8 +607,11 @@ def merge_ranks(per_rank):
     return merged
 
 
-def run_bench(opts, log=print):
-    """Run every method, model, size and rank count in ``opts``; return the result dict."""
+def run_bench(opts, log=print, partial=None):
+    """Run every method, model, size and rank count in ``opts``; return the result dict.
+
+    ``partial(result)``, if given, receives the rows so far after every launch.
+    """
     jobs = [(kind, parse_size(s)) for kind in opts.models for s in opts.sizes]
     jobs = [(kind, n) for kind, n in jobs if kind != "transformer" or n <= opts.lm_max]
     base = {"batch": opts.batch, "lm_batch": opts.lm_batch, "seq": opts.seq, "repeats": opts.repeats, "warmup": opts.warmup, "device": opts.device}
@@ -629,6 +632,8 @@ def run_bench(opts, log=print):
             except RuntimeError as e:  # report it and go on with the other methods
                 log(f"[bench] N={n}: {', '.join(names)} FAILED: {e}")
                 errors.append(f"N={n} {', '.join(names)}: {e}")
+            if partial:
+                partial({"meta": _meta(opts, torch_ok), "rows": rows, "ratios": ratios(rows), "errors": errors})
     result = {"meta": _meta(opts, torch_ok), "rows": rows, "ratios": ratios(rows), "errors": errors}
     if opts.throughput:
         log(f"[bench] update throughput on {opts.throughput} elements")
@@ -764,6 +769,23 @@ def format_table(result):
     return "\n".join(lines)
 
 
+def format_markdown(result):
+    """The main table and the ratios as Markdown (for docs and READMEs)."""
+    gpu = result["meta"]["device"] == "gpu"
+    out = ["| model | N | method | step ms | spread | fb ms | opt ms | sent MiB | state MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["model"], r["size"], r["ranks"], METHODS.index(r["method"]))):
+        pk = (r["peak_cuda"] if r["method"] == "torch_zero" else r["peak_mlx"]) if gpu else r["peak_rss"]
+        sent = _mib(r["sent_bytes"]) + ("*" if r["sent_how"] == "formula" else "")
+        out.append(f"| {r['model']} {_size_name(r['size'])} | {r['ranks']} | {r['method']} | {r['step_ms']:.1f} | {r['step_spread_ms']:.1f} "
+                   f"| {r['fb_ms']:.1f} | {r['opt_ms']:.1f} | {sent} | {_mib(r['state_bytes'])} | {_mib(pk)} |")  # fmt: skip
+    out += ["", "| model | N | method | step / mlx_dp | state / mlx_dp | opt / mlx_dp | opt / torch_zero | step / torch_zero | fb share |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = ("step_vs_mlx_dp", "state_vs_mlx_dp", "opt_vs_mlx_dp", "opt_vs_torch_zero", "step_vs_torch_zero", "mlx_compute_share")
+    for q in sorted(result["ratios"], key=lambda q: (q["model"], q["size"], q["ranks"], q["method"])):
+        cells = " | ".join("-" if q[k] is None else f"{q[k]:.2f}" for k in keys)
+        out.append(f"| {q['model']} {_size_name(q['size'])} | {q['ranks']} | {q['method']} | {cells} |")
+    return "\n".join(out)
+
+
 def plot(result, path):
     """Step time per method (light: forward+backward, dark: optimizer step), one panel per model."""
     try:
@@ -857,7 +879,10 @@ def main(argv=None):
         opts = resolve(opts)
     except ValueError as e:
         raise SystemExit(f"distopt bench: {e}")
-    result = run_bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    save = None
+    if opts.json_path and opts.json_path != "-":
+        save = lambda result: Path(opts.json_path).write_text(json.dumps(result, indent=1))  # noqa: E731
+    result = run_bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True), partial=save)
     print(format_table(result), flush=True)
     if opts.json_path == "-":
         print(json.dumps(result, indent=1))
