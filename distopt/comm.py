@@ -100,6 +100,18 @@ def traced(x):
         raise
 
 
+def _scheduled_or_traced(x):
+    """Like :func:`traced`, without waiting: ``x`` is scheduled (``mx.async_eval``), which
+    keeps a GPU's queue full while telling a compile placeholder from an array."""
+    try:
+        mx.async_eval(x)
+        return False
+    except ValueError as e:
+        if "graph transformation" in str(e):
+            return True
+        raise
+
+
 class Communicator:
     """Base: the group, its rank and size, and the traffic counter."""
 
@@ -124,7 +136,7 @@ class Communicator:
         Outside ``mx.compile`` a CPU communicator (``lazy`` False) also runs the
         collective at once, in program order, as its send/recv and mpi4py paths do.
         """
-        key = (traced(x), self.traffic.steps)
+        key = (_scheduled_or_traced(x) if self.lazy else traced(x), self.traffic.steps)
         if self._chain is not None and self._chain[1] == key:
             x = mx.depends(x, self._chain[0])
         out = collective(x)
