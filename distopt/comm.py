@@ -248,8 +248,9 @@ class _Eager(Communicator):
 class RingComm(_Eager):
     """Reduce-scatter from MLX ``send``/``recv`` around the ring (:class:`distopt.ring.Ring`).
 
-    On the TCP ring backend each step's send and receive run concurrently on two
-    CPU streams, elsewhere in rank-parity order. Equal parts are gathered by MLX's
+    On the TCP ring backend each step's sends and receives run concurrently, each on
+    its own CPU stream (from 3 ranks on, half of every part goes each way round the
+    ring); elsewhere they run in rank-parity order. Equal parts are gathered by MLX's
     ``all_gather``, already a ring moving (N-1)/N of the bucket. Inside ``mx.compile``,
     where send/recv cannot be ordered (a ``recv`` has no input to chain), two ranks
     with equal parts exchange halves with one ``all_gather`` of the part each sends
