@@ -1,0 +1,246 @@
+"""What every rank runs: timed training steps of one method, and the figures of this rank.
+
+A step is timed as ``fb`` (this rank's forward and backward, evaluated) plus ``opt``
+(gradient reduction + optimizer update + parameter gather, evaluated). PyTorch's DDP
+overlaps its all-reduce with the backward pass, so its ``opt`` is the median full step
+minus the median local step under ``no_sync``.
+"""
+
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .models import torch_model, mlx_model
+
+
+def mlx_optimizer(method, group, lr=1e-4):
+    """The optimizer a method uses: ``mlx.optimizers.Adamax`` or ``distopt.Adamax``."""
+    import mlx.optimizers as optim
+
+    import distopt
+
+    if method in ("single", "mlx_dp"):
+        return optim.Adamax(lr)
+    return distopt.Adamax(lr, group=group, stage=int(method[-1]))
+
+
+def run_mlx_method(method, kind, params, cfg, group):
+    """Time ``cfg['repeats']`` steps of one method on one model; returns this rank's figures."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    _release_memory()
+    model, loss_fn, (x, y) = mlx_model(kind, params, cfg)
+    opt = mlx_optimizer(method, group)
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    barrier = _mlx_barrier(group)
+    fb, upd, sent0 = [], [], None
+    for i in range(cfg["warmup"] + cfg["repeats"]):
+        if i == cfg["warmup"]:
+            _reset_peaks()
+            sent0 = _sent_bytes(opt)
+        barrier()
+        t0 = time.perf_counter()
+        loss, grads = grad_fn(model, x, y)
+        mx.eval(loss, grads)
+        t1 = time.perf_counter()
+        if method == "mlx_dp":
+            grads = nn.average_gradients(grads, group=group)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        t2 = time.perf_counter()
+        if i >= cfg["warmup"]:
+            fb.append(t1 - t0)
+            upd.append(t2 - t1)
+    n = group.size()
+    nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
+    grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if method.startswith("distopt"):
+        sent = (_sent_bytes(opt) - sent0) / cfg["repeats"]
+        state = opt.memory_report()["optimizer_state_bytes"]
+        sent_how = "counted"
+    else:
+        sent = 2 * (n - 1) / n * grad_bytes
+        state = sum(v.nbytes for _, v in tree_flatten(opt.state))
+        sent_how = "formula"
+    return _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, _peaks())
+
+
+def _mlx_barrier(group):
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return lambda: None
+    one = mx.array(1.0)
+    return lambda: mx.eval(mx.distributed.all_sum(one, group=group))
+
+
+def _sent_bytes(opt):
+    """Bytes this rank has sent so far through distopt's communicator."""
+    report = getattr(opt, "comm_report", None)
+    if callable(report):
+        rep = report()
+        for key in ("bytes_sent", "sent_bytes", "sent"):
+            if isinstance(rep.get(key), (int, float)):
+                return rep[key]
+    comm = getattr(opt, "comm", None)
+    return comm.traffic.total_sent() if comm is not None else 0
+
+
+def _release_memory():
+    gc.collect()
+    try:
+        import mlx.core as mx
+
+        mx.clear_cache()
+    except Exception:
+        pass
+
+
+def _reset_peaks():
+    """Reset the process' peak RSS (Linux) and MLX's and PyTorch's peak counters."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # macOS: ru_maxrss stays the process-wide peak
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].reset_peak_memory()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.reset_peak_memory_stats()
+
+
+def _peaks():
+    """(peak RSS bytes, MLX peak bytes, CUDA peak bytes or None)."""
+    rss = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) * 1024
+    except OSError:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    mlx_peak = None
+    if "mlx.core" in sys.modules:
+        mlx_peak = sys.modules["mlx.core"].get_peak_memory()
+    cuda_peak = None
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        cuda_peak = sys.modules["torch"].cuda.max_memory_allocated()
+    return {"peak_rss": rss, "peak_mlx": mlx_peak, "peak_cuda": cuda_peak}
+
+
+def _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, peaks):
+    steps = [a + b for a, b in zip(fb, upd)]
+    return {
+        "method": method,
+        "model": kind,
+        "size": params,
+        "params": nparams,
+        "ranks": n,
+        "step_ms": 1e3 * statistics.median(steps),
+        "step_spread_ms": 1e3 * (max(steps) - min(steps)),
+        "fb_ms": 1e3 * statistics.median(fb),
+        "opt_ms": 1e3 * statistics.median(upd),
+        "opt_spread_ms": 1e3 * (max(upd) - min(upd)),
+        "sent_bytes": sent,
+        "sent_how": sent_how,
+        "state_bytes": state,
+        **peaks,
+    }
+
+
+def mlx_worker(cfg):
+    """One rank of the MLX methods: every model and size, every method, in order."""
+    import distopt
+
+    group = distopt.init(backend=cfg.get("init_backend", "auto"))
+    cfg["rank"] = group.rank()
+    if cfg.get("device") == "cpu":
+        import mlx.core as mx
+
+        mx.set_default_device(mx.cpu)
+    rows = []
+    for kind, params in cfg["jobs"]:
+        for method in cfg["methods"]:
+            rows.append(run_mlx_method(method, kind, params, cfg, group))
+    return rows
+
+
+def torch_worker(cfg):
+    """One rank of PyTorch DDP + ZeroRedundancyOptimizer (gloo on CPU, NCCL on GPU)."""
+    import torch
+    import torch.distributed as dist
+
+    gpu = cfg.get("device") == "gpu"
+    dist.init_process_group("nccl" if gpu else "gloo")
+    if not gpu:
+        torch.set_num_threads(cfg["threads"])
+    else:
+        torch.cuda.set_device(0)
+    cfg["rank"] = dist.get_rank()
+    rows = [_torch_run(kind, params, cfg, gpu) for kind, params in cfg["jobs"]]
+    dist.barrier()
+    dist.destroy_process_group()
+    return rows
+
+
+def _torch_run(kind, params, cfg, gpu):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    device = "cuda" if gpu else "cpu"
+    model, loss_fn, x, y = torch_model(kind, params, cfg, device)
+    ddp = DDP(model)
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.Adamax, lr=1e-4)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+
+    def step(local):
+        opt.zero_grad(set_to_none=False)
+        if local:
+            with ddp.no_sync():
+                loss_fn(ddp(x), y).backward()
+        else:
+            loss_fn(ddp(x), y).backward()
+            opt.step()
+        sync()
+
+    full, local = [], []
+    for i in range(cfg["warmup"] + cfg["repeats"]):
+        if i == cfg["warmup"]:
+            _reset_peaks()
+        for is_local, times in ((False, full), (True, local)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(is_local)
+            if i >= cfg["warmup"]:
+                times.append(time.perf_counter() - t0)
+    n = dist.get_world_size()
+    nparams = sum(p.numel() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for s in opt.optim.state.values() for t in s.values() if torch.is_tensor(t))
+    fb_med, step_med = statistics.median(local), statistics.median(full)
+    row = _figures("torch_zero", kind, params, nparams, n, local, [0.0] * len(local), 0, "", state, _peaks())
+    row.update(
+        step_ms=1e3 * step_med,
+        step_spread_ms=1e3 * (max(full) - min(full)),
+        opt_ms=1e3 * (step_med - fb_med),
+        opt_spread_ms=None,
+        # DDP all-reduce (2(N-1)/N) plus ZeRO's broadcast of each rank's shard ((N-1)/N)
+        sent_bytes=3 * (n - 1) / n * 4 * nparams,
+        sent_how="formula",
+    )
+    return row
+
+
+def _worker_main(cfg_path):
+    cfg = json.loads(Path(cfg_path).read_text())
+    rows = torch_worker(cfg) if cfg["role"] == "torch" else mlx_worker(cfg)
+    Path(cfg["out"].format(rank=cfg["rank"])).write_text(json.dumps(rows))
