@@ -43,7 +43,7 @@ from pathlib import Path
 
 from .launch import launch
 from .models import METHODS, MLX_DIST_METHODS, MODELS, parse_size
-from .ranks import _worker_main
+from .ranks import worker_main
 from .report import analytic_model, format_markdown, format_table, merge_ranks, plot, ratios
 from .throughput import update_throughput
 
@@ -197,7 +197,7 @@ def main(argv=None):
     opts = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that running ranks are stopped too
     if opts.worker:
-        return _worker_main(opts.worker)
+        return worker_main(opts.worker)
     try:
         opts = resolve(opts)
     except ValueError as e:

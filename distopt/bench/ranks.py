@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .models import torch_model, mlx_model
+from .models import mlx_model, torch_model
 
 
 def mlx_optimizer(method, group, lr=1e-4):
@@ -240,7 +240,8 @@ def _torch_run(kind, params, cfg, gpu):
     return row
 
 
-def _worker_main(cfg_path):
+def worker_main(cfg_path):
+    """Run the rank described by the JSON config at ``cfg_path`` and write its rows."""
     cfg = json.loads(Path(cfg_path).read_text())
     rows = torch_worker(cfg) if cfg["role"] == "torch" else mlx_worker(cfg)
     Path(cfg["out"].format(rank=cfg["rank"])).write_text(json.dumps(rows))
