@@ -176,16 +176,6 @@ def test_stopping_ssh_stops_remote_ranks(tmp_path):
     assert_all_gone(piddir, 2)
 
 
-def test_check_hosts_helper(tmp_path):
-    env, log = fake_ssh(tmp_path)
-    hostfile = write(tmp_path / "hosts", "localhost slots=2\nmac-a.invalid\n")
-    done = subprocess.run([sys.executable, REPO / "launch" / "check_hosts.py", hostfile],
-                          capture_output=True, text=True, timeout=60, env=launcher_env(env))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines()[1].startswith("mac-a.invalid: ok (python ")
-    assert log.read_text() == "mac-a.invalid\n"
-
-
 # --- hostfile parsing ------------------------------------------------------------
 
 
