@@ -150,3 +150,16 @@ def test_report_format(capsys):
     )
     assert report(checks[:2]) == 0
     assert capsys.readouterr().out.endswith("all checks passed (1 warning(s))\n")
+
+
+def test_launch_check_hosts_script_runs_the_doctor():
+    """``launch/check-hosts.sh HOSTFILE`` is ``distopt doctor --hostfile HOSTFILE``."""
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "launch" / "check-hosts.sh"
+    env = launcher_env({"DISTOPT": str(Path(sys.executable).parent / "distopt")})
+    done = subprocess.run([script, repo / "hostfiles" / "localhost.hosts", "--no-bandwidth"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[ok  ] hostfile: " in done.stdout and done.stdout.rstrip().endswith("all checks passed")
+    missing = subprocess.run([script], capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "usage:" in missing.stderr
