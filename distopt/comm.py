@@ -89,25 +89,21 @@ class Traffic:
         self.steps = 0
 
 
-def traced(x):
-    """True when ``x`` is a placeholder inside ``mx.compile`` (it cannot be evaluated)."""
+def traced(x, wait=True):
+    """True when ``x`` is a placeholder inside ``mx.compile`` (it cannot be evaluated).
+
+    Otherwise ``x`` is evaluated (``wait=False``: only scheduled with ``mx.async_eval``,
+    which keeps a GPU's queue full) and the answer is False.
+    """
     try:
-        mx.eval(x)
+        (mx.eval if wait else mx.async_eval)(x)
         return False
-    except ValueError as e:
-        if "function transformations" in str(e):
+    except ValueError as e:  # eval / async_eval of a compile placeholder
+        if "function transformations" in str(e) or "graph transformation" in str(e):
             return True
         raise
-
-
-def _scheduled_or_traced(x):
-    """Like :func:`traced`, without waiting: ``x`` is scheduled (``mx.async_eval``), which
-    keeps a GPU's queue full while telling a compile placeholder from an array."""
-    try:
-        mx.async_eval(x)
-        return False
-    except ValueError as e:
-        if "graph transformation" in str(e):
+    except RuntimeError as e:  # an array that depends on a compile input placeholder
+        if "without a primitive" in str(e):
             return True
         raise
 
@@ -136,7 +132,7 @@ class Communicator:
         Outside ``mx.compile`` a CPU communicator (``lazy`` False) also runs the
         collective at once, in program order, as its send/recv and mpi4py paths do.
         """
-        key = (_scheduled_or_traced(x) if self.lazy else traced(x), self.traffic.steps)
+        key = (traced(x, wait=not self.lazy), self.traffic.steps)
         if self._chain is not None and self._chain[1] == key:
             x = mx.depends(x, self._chain[0])
         out = collective(x)

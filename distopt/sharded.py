@@ -222,7 +222,7 @@ class ShardedOptimizer(optim.Optimizer):
         """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""
         validate.check_gradients(gradients, parameters)
         first = next((v for _, v in tree_flatten(gradients) if isinstance(v, mx.array)), None)
-        if first is not None and _tracing(first):
+        if first is not None and traced(first):
             raise DistoptError(
                 "The optimizer must be initialized before its step is compiled: call "
                 "opt.init(model.trainable_parameters()) before mx.compile(...)."
@@ -262,9 +262,9 @@ class ShardedOptimizer(optim.Optimizer):
                 flat = flat.astype(reduce_dtype)
             parts.append(self.comm.reduce_scatter(flat, bucket))
             if self.stage == 2:
-                # Frees the flat bucket before the next one is built. _tracing() evaluates
+                # Frees the flat bucket before the next one is built. traced() evaluates
                 # it now, except under mx.compile, where nothing can be evaluated.
-                _tracing(parts[-1])
+                traced(parts[-1])
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
     def _gather(self, shard, name):
@@ -393,16 +393,6 @@ class ShardedOptimizer(optim.Optimizer):
         new_state = sum(v.nbytes for k, v in shards.items() if k != "master")
         shard = buf.shard_size(rank)
         return new_state + shard * work + shard * buf.dtype.size + buf.padded_size * buf.dtype.size
-
-
-def _tracing(x):
-    """True inside ``mx.compile``, where ``x`` cannot be evaluated (evaluates it otherwise)."""
-    try:
-        return traced(x)
-    except RuntimeError as e:  # x depends on a compile input placeholder
-        if "without a primitive" in str(e):
-            return True
-        raise
 
 
 class SingleRankComm:

@@ -10,6 +10,8 @@ import numbers
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .comm import traced
+
 
 def check_learning_rate(value):
     """Raise ``ValueError`` unless ``value`` is a finite number >= 0.
@@ -18,7 +20,7 @@ def check_learning_rate(value):
     ``mx.compile`` (which cannot be read) and schedules are left alone.
     """
     if isinstance(value, mx.array):
-        if value.ndim != 0 or _traced(value):
+        if value.ndim != 0 or traced(value):
             return
         value = value.item()
     if not isinstance(value, numbers.Real):
@@ -48,11 +50,3 @@ def check_gradients(gradients, parameters):
 
 def _name(dtype):
     return str(dtype).rsplit(".", 1)[-1]
-
-
-def _traced(x):
-    try:
-        mx.eval(x)
-        return False
-    except (ValueError, RuntimeError):  # a placeholder inside mx.compile
-        return True
