@@ -176,8 +176,45 @@ class FlatLayout:
         for name, flat in flats.items():
             for e in self.buffers[name].entries:
                 items.append((e.path, flat[e.offset : e.offset + e.size].reshape(e.shape)))
+        return self.tree(items)
+
+    def tree(self, items):
+        """The parameter tree of ``(path, array)`` pairs, in the original leaf order."""
         order = {p: i for i, p in enumerate(self.paths)}
         return tree_unflatten(sorted(items, key=lambda kv: order[kv[0]]))
+
+    def unflatten_buckets(self, name, buckets):
+        """The parameters of buffer ``name`` from its full buckets, each as soon as it can be built.
+
+        ``buckets`` yields the full (gathered) buckets in order; for each one this yields
+        the ``(path, array)`` pairs of the parameters that end in it. A parameter is
+        copied out of the buckets that hold it (joined when it spans several), so no
+        bucket outlives its last parameter: the step holds the new parameters plus about
+        one bucket, never a second full flat copy. A one-bucket buffer gives views of it,
+        as :meth:`unflatten` does.
+        """
+        buf = self.buffers[name]
+        entries = iter(buf.entries)
+        entry = next(entries, None)
+        held = []  # (start, full bucket) that the next parameters still need
+        for bucket, full in zip(buf.buckets, buckets):
+            held.append((bucket.start, full))
+            ready = []
+            while entry is not None and entry.offset + entry.size <= bucket.stop:
+                ready.append((entry.path, _cut(entry, held, buf.dtype, copy=len(buf.buckets) > 1)))
+                entry = next(entries, None)
+            held = [(s, b) for s, b in held if entry is not None and s + b.size > entry.offset]
+            yield ready
+
+
+def _cut(entry, held, dtype, copy):
+    """``entry``'s parameter from the held buckets ``(start, array)``: joined, or one piece copied."""
+    lo, hi = entry.offset, entry.offset + entry.size
+    pieces = [b[max(lo - s, 0) : min(hi - s, b.size)] for s, b in held if s < hi and s + b.size > lo]
+    if not pieces:
+        return mx.zeros(entry.shape, dtype)
+    flat = mx.concatenate(pieces) if len(pieces) > 1 else mx.array(pieces[0]) if copy else pieces[0]
+    return flat.reshape(entry.shape)
 
 
 def _dtypes_in_order(leaves):

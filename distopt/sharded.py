@@ -207,16 +207,19 @@ class ShardedOptimizer(optim.Optimizer):
         # 3. Update each shard (fp32 master if any); a non-finite step changes nothing.
         self._advance_step(ok)
         hyper = {k: self._state[k] for k in HYPER_KEYS if k in self._state}
-        full = {}
+        updated = []
         for name, buf in self.layout.buffers.items():
             state = dict(shards[name])
             master = state.pop("master", None)
             param = master if master is not None else self.layout.shard(parameters, name, self.group.rank())
             param, state = self._kernel(hyper, grads[name], param, state, coefficient, ok)
             shards[name] = state if master is None else {**state, "master": param}
-            # 4. Gather the updated parameters, in the model's dtype.
-            full[name] = self._gather(param.astype(buf.dtype), name)
-        return self.layout.unflatten(full)
+            # 4. Gather the updated parameters in the model's dtype, bucket by bucket.
+            buckets = self._gathered_buckets(param.astype(buf.dtype), name)
+            for ready in self.layout.unflatten_buckets(name, buckets):
+                self._settle([array for _, array in ready])
+                updated += ready
+        return self.layout.tree(updated)
 
     def _init_lazily(self, gradients, parameters):
         """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""
@@ -261,19 +264,27 @@ class ShardedOptimizer(optim.Optimizer):
             if reduce_dtype is not None:
                 flat = flat.astype(reduce_dtype)
             parts.append(self.comm.reduce_scatter(flat, bucket))
-            if self.stage == 2:
-                # Frees the flat bucket before the next one is built. traced() evaluates
-                # it now, except under mx.compile, where nothing can be evaluated.
-                traced(parts[-1])
+            self._settle(parts[-1])  # frees the flat bucket before the next ones pile up
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
-    def _gather(self, shard, name):
-        """The full flat buffer from every rank's updated shard."""
-        parts, pos = [], 0
+    def _settle(self, arrays):
+        """Start computing ``arrays`` now, so a bucket's inputs are freed before the next
+        bucket's are built: stage 1 schedules them (``mx.async_eval``, which keeps a GPU's
+        queue full), stage 2 waits for them (at most one bucket in flight). Inside
+        ``mx.compile`` nothing can be evaluated, and the compiled graph is left as is."""
+        traced(arrays, wait=self.stage == 2)
+
+    def _gathered_buckets(self, shard, name):
+        """Yield each full bucket of buffer ``name``, gathered from every rank's updated shard."""
+        pos = 0
         for bucket in self.layout.buffers[name].buckets:
             n = bucket.counts[self.group.rank()]
-            parts.append(self.comm.all_gather(shard[pos : pos + n], bucket))
+            yield self.comm.all_gather(shard[pos : pos + n], bucket)
             pos += n
+
+    def _gather(self, shard, name):
+        """The full flat buffer from every rank's shard (checkpoints, consolidation)."""
+        parts = list(self._gathered_buckets(shard, name))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
     def _settings(self):
