@@ -24,7 +24,7 @@ import msgpack
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import ckptdir
-from .flatstate import SavedBuffer, build, copy_runs, describe_buffer, from_mlx_layout, shard_pieces, split_state
+from .flatstate import SavedBuffer, build, copy_runs, describe_buffer, from_mlx_layout, shard_pieces, global_arrays
 from .group import all_gather_object, init
 from .layout import dtype_name
 from .manifest import (
@@ -110,7 +110,7 @@ def _plan_save(directory, model, optimizer, step, metadata, keep_last, group):
     state = optimizer.state
     params = dict(tree_flatten(model.parameters()))
     if _is_sharded(optimizer):
-        globals_, shards = split_state(state)
+        globals_, shards = global_arrays(state), optimizer.flat_shards()
         buffers = {n: describe_buffer(optimizer.layout.buffers[n], _keys(s)) for n, s in shards.items()}
         num_shards, shard_index = group.size(), group.rank()
     else:
@@ -279,7 +279,7 @@ def _sharded_state(path, manifest, optimizer, rank):
         if name not in layout.buffers:
             raise CheckpointError(f"The checkpoint has optimizer state for {name} parameters, which this optimizer lacks.")
         _check_entries(desc, [(e.path, e.shape) for e in layout.buffers[name].entries], name)
-        mine = {k: dtype_name(v.dtype) for k, v in current.get(name, {}).items()}
+        mine = {k: dtype_name(parts[0].dtype) for k, parts in current.get(name, {}).items()}
         if mine != desc["keys"]:
             raise CheckpointError(f"The checkpoint's {name} optimizer state has keys {desc['keys']}; this optimizer has {mine}.")
         buffers[name] = (desc, shard_pieces(layout.buffers[name], layout.buffers[name].shard_ranges(rank)))
@@ -360,8 +360,7 @@ def _assign_state(optimizer, state):
         current.update(state["mlx_layout"])
         return
     current.update(tree_unflatten(list(state["globals"].items())))
-    for name, keys in state["shards"].items():
-        current["shards"][name].update(keys)
+    optimizer.load_flat_shards(state["shards"])
 
 
 # ----------------------------------------------------------------------------- checks

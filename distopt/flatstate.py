@@ -35,10 +35,10 @@ def describe_buffer(buf, keys):
     }
 
 
-def split_state(state):
-    """``(globals, shards)`` of a sharded optimizer's state: flat top-level arrays and the shard dicts."""
+def global_arrays(state):
+    """The *globals* of a sharded optimizer's state: its top-level arrays outside ``"shards"``, flat."""
     rest = {k: v for k, v in state.items() if k != "shards"}
-    return {k: v for k, v in tree_flatten(rest) if isinstance(v, mx.array)}, state.get("shards", {})
+    return {k: v for k, v in tree_flatten(rest) if isinstance(v, mx.array)}
 
 
 def from_mlx_layout(state, parameters):

@@ -11,15 +11,19 @@ rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
     + \\underbrace{k\\, w \\hat P / N}_{\\text{state}}
     + \\underbrace{w \\hat P / N}_{\\text{mean gradient shard}}
     + \\underbrace{R}_{\\text{reduce buffers}}
-    + \\underbrace{(k + 1)\\, w \\hat P / N + s \\hat P / N + s \\hat P}_{\\text{update buffers}}
+    + \\underbrace{P s + \\textstyle\\sum_b \\text{or} \\max_b
+      \\big((k + 1)\\, w\\, c_b + s\\, c_b + s\\, B_b\\big)}_{\\text{update buffers}}
 
 where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
 otherwise, and the reduce buffers :math:`R` are the flat gradient buckets: all of them
 (:math:`\\hat P` elements) at stage 1, the largest one at stage 2. The update buffers
-are what the update allocates before the old arrays go: new state and parameter (or
-master) shards, the shard in the model's dtype and the gathered flat parameters; so the
-sum is the peak of a step, less activations. With shard weights,
-rank r's shard of every bucket replaces :math:`\\hat P / N`. These are exactly the
+are what the update allocates before the old arrays go. Per bucket :math:`b` of
+:math:`B_b` elements, of which this rank owns :math:`c_b`: new state and parameter (or
+master) parts, the part in the model's dtype and the gathered bucket; every bucket may
+be in flight at stage 1 (:math:`\\sum_b`), one at a time at stage 2 (:math:`\\max_b`).
+Plus the new parameters (:math:`P s`), cut out of the gathered buckets (a one-bucket
+buffer's are views of the bucket, so its :math:`P s` is dropped). The sum is the peak of
+a step, less activations. With shard weights, rank r's part of every bucket sets :math:`c_b`. These are exactly the
 figures of :meth:`ShardedOptimizer.memory_report`; activations are not included.
 """
 
@@ -136,7 +140,7 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
     """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula."""
     n = len(weights)
     out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
-    all_buckets, largest_bucket = 0, 0
+    all_buckets, largest_bucket, per_bucket = 0, 0, [[] for _ in range(n)]
     for dtype, size in sizes.items():
         padded = -(-max(size, 1) // n) * n
         work = options.work_dtype(dtype).size
@@ -144,27 +148,25 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
         step = max(n, bucket_bytes // dtype.size // n * n)
         all_buckets += padded * reduce
         largest_bucket = max(largest_bucket, min(step, padded) * reduce)
-        for figures, shard in zip(out, shard_sizes(padded, step, weights)):
+        buckets = [min(step, padded - lo) for lo in range(0, padded, step)]
+        for r, figures in enumerate(out):
+            parts = [split_counts(b, weights)[r] for b in buckets]
+            shard = sum(parts)
             figures["parameter_bytes"] += size * dtype.size
             figures["gradient_bytes"] += size * dtype.size
             figures["master_weight_bytes"] += shard * 4 if options.has_master(dtype) else 0
             figures["optimizer_state_bytes"] += slots * shard * work
             figures["gradient_shard_bytes"] += shard * work
-            figures["update_buffer_bytes"] += (slots + 1) * shard * work + shard * dtype.size + padded * dtype.size
-    for figures in out:
+            # New state and parameter parts, the part in the model's dtype, the gathered bucket.
+            per_bucket[r] += [(slots + 1) * c * work + c * dtype.size + b * dtype.size for c, b in zip(parts, buckets)]
+            # New parameters cut out of several buckets (one bucket's are views of it).
+            figures["update_buffer_bytes"] += size * dtype.size if len(buckets) > 1 else 0
+    for figures, transient in zip(out, per_bucket):
         figures["optimizer_state_bytes"] += _scalar_bytes(options)
         figures["reduce_buffer_bytes"] = all_buckets if stage == 1 else largest_bucket
+        figures["update_buffer_bytes"] += sum(transient) if stage == 1 else max(transient)
         figures["total_bytes"] = sum(figures.values())
     return out
-
-
-def shard_sizes(padded, step, weights):
-    """Each rank's shard of a padded buffer cut into buckets of ``step`` (as :class:`FlatLayout`)."""
-    full, rest = divmod(padded, step)
-    sizes = [full * c for c in split_counts(step, weights)]
-    if rest:
-        sizes = [a + b for a, b in zip(sizes, split_counts(rest, weights))]
-    return sizes
 
 
 def _scalar_bytes(options):

@@ -1,7 +1,7 @@
 """Mixed precision for the ZeRO step: fp32 master shards, global clipping, non-finite skip.
 
 Everything here works on this rank's *shards* of the mean gradient (one flat array per
-dtype buffer) and is lazy: no host synchronisation, so a step using it can run under
+bucket of each dtype buffer) and is lazy: no host synchronisation, so a step using it can run under
 ``mx.compile``. Ranks agree through one small ``all_sum`` of two numbers,
 
 .. math::
@@ -134,7 +134,7 @@ class Precision:
         return state
 
     def prepare(self, grads, state, group):
-        """Unscale, measure and clip the mean gradient shards ``{name: shard}``.
+        """Unscale, measure and clip the mean gradient shards ``{name: [part per bucket]}``.
 
         Returns ``(grads, coefficient, ok)``: the unscaled shards, the clipping
         coefficient :math:`\\min(\\text{max\\_norm} / (\\lVert \\bar g \\rVert + 10^{-6}), 1)`
@@ -146,8 +146,9 @@ class Precision:
         if not self.checks:
             return grads, None, None
         if self.loss_scale is not None:
-            grads = {name: (g.astype(mx.float32) / state["loss_scale"]).astype(g.dtype) for name, g in grads.items()}
-        stats = sum(gradient_stats(g) for g in grads.values())
+            unscale = lambda g: (g.astype(mx.float32) / state["loss_scale"]).astype(g.dtype)  # noqa: E731
+            grads = {name: [unscale(g) for g in parts] for name, parts in grads.items()}
+        stats = sum(gradient_stats(g) for parts in grads.values() for g in parts)
         if group.size() > 1:
             stats = mx.distributed.all_sum(stats, group=group)
         norm, ok = mx.sqrt(stats[0]), stats[1] == 0

@@ -172,23 +172,30 @@ class ShardedOptimizer(optim.Optimizer):
         else:
             self.comm = make_communicator(self.group, equal_parts=self.shard_weights is None)
         shards = self._state.setdefault("shards", {})
-        rank = self.group.rank()
         for name, buf in self.layout.buffers.items():
             if name not in shards:
-                shards[name] = {}
-                work = self.precision.work_dtype(buf.dtype)
-                self.inner.init_single(mx.zeros((buf.shard_size(rank),), work), shards[name])
+                shards[name] = self._fresh_state(buf)
         self._init_masters(parameters)
         for key, value in self.precision.init_state().items():
             self._state.setdefault(key, value)
         self._initialized = True
+
+    def _fresh_state(self, buf):
+        """The inner optimizer's initial state for this rank's part of every bucket of ``buf``:
+        ``{key: [part of bucket 0, part of bucket 1, ...]}``."""
+        work, parts = self.precision.work_dtype(buf.dtype), []
+        for bucket in buf.buckets:
+            parts.append({})
+            self.inner.init_single(mx.zeros((bucket.counts[self.group.rank()],), work), parts[-1])
+        return {key: [part[key] for part in parts] for key in parts[0]}
 
     def _init_masters(self, parameters):
         """fp32 copies of this rank's shard of every half-precision buffer that lacks one."""
         for name, buf in self.layout.buffers.items():
             shard = self._state["shards"][name]
             if self.precision.has_master(buf.dtype) and "master" not in shard:
-                shard["master"] = self.layout.shard(parameters, name, self.group.rank()).astype(mx.float32)
+                ranges = buf.shard_ranges(self.group.rank())
+                shard["master"] = [self.layout.flat_range(parameters, name, lo, hi).astype(mx.float32) for lo, hi in ranges]
 
     def apply_gradients(self, gradients, parameters):
         """Average ``gradients`` over ranks, update this rank's shard, return full parameters."""
@@ -199,27 +206,38 @@ class ShardedOptimizer(optim.Optimizer):
         self.layout.check_tree(gradients)
         watchdog.step_started()
         self.comm.traffic.start_step()
-        shards = self._state["shards"]
-        # 1. This rank's shard of the mean gradient, per dtype buffer.
-        grads = {name: self._mean_shard(gradients, name) for name in self.layout.buffers}
+        # 1. This rank's part of the mean gradient, for every bucket of every dtype buffer.
+        grads = {name: self._mean_parts(gradients, name) for name in self.layout.buffers}
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
         grads, coefficient, ok = self.precision.prepare(grads, self._state, self.group)
-        # 3. Update each shard (fp32 master if any); a non-finite step changes nothing.
         self._advance_step(ok)
         hyper = {k: self._state[k] for k in HYPER_KEYS if k in self._state}
         updated = []
-        for name, buf in self.layout.buffers.items():
-            state = dict(shards[name])
-            master = state.pop("master", None)
-            param = master if master is not None else self.layout.shard(parameters, name, self.group.rank())
-            param, state = self._kernel(hyper, grads[name], param, state, coefficient, ok)
-            shards[name] = state if master is None else {**state, "master": param}
-            # 4. Gather the updated parameters in the model's dtype, bucket by bucket.
-            buckets = self._gathered_buckets(param.astype(buf.dtype), name)
-            for ready in self.layout.unflatten_buckets(name, buckets):
+        for name in self.layout.buffers:
+            # 3. Update each bucket's part (fp32 master if any) and gather the bucket.
+            gathered = (self._update_part(name, b, hyper, g, parameters, coefficient, ok) for b, g in enumerate(grads[name]))
+            # 4. Cut the new parameters out of the gathered buckets as they arrive.
+            for ready in self.layout.unflatten_buckets(name, gathered):
                 self._settle([array for _, array in ready])
                 updated += ready
         return self.layout.tree(updated)
+
+    def _update_part(self, name, b, hyper, grad, parameters, coefficient, ok):
+        """Update this rank's part of bucket ``b`` of buffer ``name``; return the bucket
+        gathered from every rank, in the model's dtype. A non-finite step changes nothing."""
+        buf, shard = self.layout.buffers[name], self._state["shards"][name]
+        bucket = buf.buckets[b]
+        state = {key: parts[b] for key, parts in shard.items() if key != "master"}
+        if "master" in shard:
+            param = shard["master"][b]
+        else:
+            param = self.layout.flat_range(parameters, name, *bucket.part(self.group.rank()))
+        param, state = self._kernel(hyper, grad, param, state, coefficient, ok)
+        for key, value in state.items():
+            shard[key][b] = value
+        if "master" in shard:
+            shard["master"][b] = param
+        return self.comm.all_gather(param.astype(buf.dtype), bucket)
 
     def _init_lazily(self, gradients, parameters):
         """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""
@@ -248,24 +266,20 @@ class ShardedOptimizer(optim.Optimizer):
         finally:
             self.inner._state = saved
 
-    def _mean_shard(self, gradients, name):
-        """This rank's shard of the gradient averaged over ranks, in the update's dtype."""
-        work = self.precision.work_dtype(self.layout.buffers[name].dtype)
-        total = self._reduce_shard(gradients, name)
-        if work == mx.float32:
-            total = total.astype(mx.float32)  # divide in fp32 when the update runs in fp32
-        return (total / self.group.size()).astype(work)
-
-    def _reduce_shard(self, gradients, name):
-        """This rank's shard of the summed gradient, bucket by bucket."""
-        parts, reduce_dtype = [], self.precision.reduce_dtype
-        for bucket in self.layout.buffers[name].buckets:
+    def _mean_parts(self, gradients, name):
+        """This rank's part of every bucket of the gradient averaged over ranks, in the update's dtype."""
+        buf, parts = self.layout.buffers[name], []
+        work, reduce_dtype = self.precision.work_dtype(buf.dtype), self.precision.reduce_dtype
+        for bucket in buf.buckets:
             flat = self.layout.flat_range(gradients, name, bucket.start, bucket.stop)
             if reduce_dtype is not None:
                 flat = flat.astype(reduce_dtype)
-            parts.append(self.comm.reduce_scatter(flat, bucket))
+            total = self.comm.reduce_scatter(flat, bucket)
+            if work == mx.float32:
+                total = total.astype(mx.float32)  # divide in fp32 when the update runs in fp32
+            parts.append((total / self.group.size()).astype(work))
             self._settle(parts[-1])  # frees the flat bucket before the next ones pile up
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        return parts
 
     def _settle(self, arrays):
         """Start computing ``arrays`` now, so a bucket's inputs are freed before the next
@@ -274,18 +288,29 @@ class ShardedOptimizer(optim.Optimizer):
         ``mx.compile`` nothing can be evaluated, and the compiled graph is left as is."""
         traced(arrays, wait=self.stage == 2)
 
-    def _gathered_buckets(self, shard, name):
-        """Yield each full bucket of buffer ``name``, gathered from every rank's updated shard."""
-        pos = 0
-        for bucket in self.layout.buffers[name].buckets:
-            n = bucket.counts[self.group.rank()]
-            yield self.comm.all_gather(shard[pos : pos + n], bucket)
-            pos += n
+    def _gather(self, parts, name):
+        """The full flat buffer ``name`` from every rank's per-bucket ``parts`` (consolidation)."""
+        buckets = self.layout.buffers[name].buckets
+        full = [self.comm.all_gather(part, bucket) for part, bucket in zip(parts, buckets)]
+        return full[0] if len(full) == 1 else mx.concatenate(full)
 
-    def _gather(self, shard, name):
-        """The full flat buffer from every rank's shard (checkpoints, consolidation)."""
-        parts = list(self._gathered_buckets(shard, name))
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    def flat_shards(self):
+        """This rank's state as one flat shard per key: ``{dtype_name: {key: array}}``
+        (its parts of the buckets joined, as a checkpoint stores them)."""
+        return {name: {key: _join(parts) for key, parts in keys.items()} for name, keys in self._state.get("shards", {}).items()}
+
+    def load_flat_shards(self, shards):
+        """Set this rank's state from flat shards laid out as :meth:`flat_shards` gives them.
+        The state's lists are filled in place (a compiled step may hold them)."""
+        rank = self.group.rank()
+        for name, keys in shards.items():
+            buf, current = self.layout.buffers[name], self._state["shards"][name]
+            for key, flat in keys.items():
+                bounds = [0]
+                for bucket in buf.buckets:
+                    bounds.append(bounds[-1] + bucket.counts[rank])
+                parts = [flat[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+                current.setdefault(key, [])[:] = parts
 
     def _settings(self):
         """The optimizer's configuration, which must be equal on every rank."""
@@ -379,9 +404,9 @@ class ShardedOptimizer(optim.Optimizer):
             total = sum(v.nbytes for _, v in tree_flatten(self.inner.state))
             return {"optimizer_state_bytes": total, "optimizer_state_bytes_unsharded": total, "world_size": 1}
         rank, buffers, shards = self.group.rank(), self.layout.buffers, self._state.get("shards", {})
-        state = sum(v.nbytes for s in shards.values() for k, v in s.items() if k != "master")
-        master = sum(s["master"].nbytes for s in shards.values() if "master" in s)
-        unsharded = sum(buffers[name].size * v.dtype.size for name, s in shards.items() for k, v in s.items() if k != "master")
+        state = sum(v.nbytes for s in shards.values() for k, parts in s.items() if k != "master" for v in parts)
+        master = sum(v.nbytes for s in shards.values() for v in s.get("master", []))
+        unsharded = sum(buffers[name].size * v[0].dtype.size for name, s in shards.items() for k, v in s.items() if k != "master")
         reduce_size = lambda b: (self.precision.reduce_dtype or b.dtype).size  # noqa: E731
         buckets = [(bk.stop - bk.start) * reduce_size(b) for b in buffers.values() for bk in b.buckets]
         report = {
@@ -391,19 +416,31 @@ class ShardedOptimizer(optim.Optimizer):
             "optimizer_state_bytes": scalars + state,
             "gradient_shard_bytes": sum(b.shard_size(rank) * self.precision.work_dtype(b.dtype).size for b in buffers.values()),
             "reduce_buffer_bytes": sum(buckets) if self.stage == 1 else max(buckets),
-            "update_buffer_bytes": sum(self._update_buffer_bytes(name, s) for name, s in shards.items()),
+            "update_buffer_bytes": self._update_buffer_bytes(),
         }
         report["total_bytes"] = sum(report.values())
         report.update(optimizer_state_bytes_unsharded=scalars + unsharded, world_size=self.group.size(), stage=self.stage)
         return report
 
-    def _update_buffer_bytes(self, name, shards):
-        """New state and parameter shards, the shard cast or copied, the gathered buffer."""
-        buf, rank = self.layout.buffers[name], self.group.rank()
-        work = self.precision.work_dtype(buf.dtype).size
-        new_state = sum(v.nbytes for k, v in shards.items() if k != "master")
-        shard = buf.shard_size(rank)
-        return new_state + shard * work + shard * buf.dtype.size + buf.padded_size * buf.dtype.size
+    def _update_buffer_bytes(self):
+        """What the update allocates while the old arrays live: per bucket, the new state
+        and parameter parts, the part in the model's dtype and the gathered bucket (every
+        bucket may be in flight at stage 1, one at stage 2); plus the new parameters cut
+        out of a buffer of several buckets (those of a one-bucket buffer are views of it)."""
+        rank, per_bucket, new_parameters = self.group.rank(), [], 0
+        for name, buf in self.layout.buffers.items():
+            keys, work = self._state["shards"][name], self.precision.work_dtype(buf.dtype).size
+            for b, bucket in enumerate(buf.buckets):
+                c = bucket.counts[rank]
+                new_state = sum(parts[b].nbytes for key, parts in keys.items() if key != "master")
+                per_bucket.append(new_state + c * work + c * buf.dtype.size + (bucket.stop - bucket.start) * buf.dtype.size)
+            new_parameters += buf.size * buf.dtype.size if len(buf.buckets) > 1 else 0
+        return new_parameters + (sum(per_bucket) if self.stage == 1 else max(per_bucket))
+
+
+def _join(parts):
+    """One flat array from a list of per-bucket parts."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
 class SingleRankComm:

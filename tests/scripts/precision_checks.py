@@ -96,7 +96,7 @@ def check_bf16(group, steps=60, lr=3e-4):
         for name, (model, _) in runs.items()
     }
     master_opt = runs["master"][1]
-    shard_dtypes = {k: str(v.dtype) for k, v in master_opt.state["shards"]["bfloat16"].items()}
+    shard_dtypes = {k: sorted({str(part.dtype) for part in parts}) for k, parts in master_opt.state["shards"]["bfloat16"].items()}
     consolidated = master_opt.consolidated_state()
     masters = master_opt.master_parameters()
     return {
