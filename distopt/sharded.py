@@ -46,7 +46,7 @@ class ShardedOptimizer(optim.Optimizer):
           unchanged.
         stage (int): 1 shards the optimizer state; 2 also keeps only this rank's
           shard of the reduced gradient, reducing bucket by bucket. Default ``1``.
-        bucket_bytes (int): bytes per communication bucket. Default 64 MiB.
+        bucket_bytes (int): bytes per communication bucket. Default 256 MiB.
         shard_weights (list, optional): relative shard size per rank, e.g. the
           memory of each Mac. Equal shards by default.
         master_weights (bool): keep an fp32 master copy of this rank's shard of every
