@@ -10,7 +10,7 @@ parameters and state, median of ``--steps``; prints it with MLX's peak memory of
 step. Variants: ``mlx_dp`` (``average_gradients`` + ``mlx.optimizers.Adamax``),
 ``s1``/``s2`` (distopt stage 1 / 2), ``s1_lazy`` (stage 1 without scheduling buckets
 early: one graph), ``s1_compiled`` (stage 1, the update compiled with ``mx.compile``);
-``once`` / ``noprefetch`` in the name drop the scheduling after each reduction / of each
+``s1_wK`` allows K buckets in flight at stage 1; ``once`` / ``noprefetch`` in the name drop the scheduling after each reduction / of each
 flat bucket before its collective.
 """
 
@@ -25,6 +25,7 @@ import mlx.optimizers as optim
 
 import distopt
 from distopt import comm as distopt_comm
+from distopt import sharded as distopt_sharded
 
 
 def main():
@@ -45,6 +46,8 @@ def main():
         opt = distopt.Adamax(1e-4, stage=stage, bucket_bytes=int(a.bucket_mb * 2**20))
         if a.variant == "s1_lazy":
             opt._settle = lambda arrays: None
+        if "_w" in a.variant:  # s1_wK: at most K buckets in flight at stage 1
+            distopt_sharded.IN_FLIGHT = int(a.variant.split("_w")[1])
         if "once" in a.variant:  # schedule each bucket once, after its gather (not after its reduction)
             settle = opt._settle
             opt._settle = lambda arrays: settle(arrays) if isinstance(arrays, list) else None

@@ -11,20 +11,20 @@ rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
     + \\underbrace{k\\, w \\hat P / N}_{\\text{state}}
     + \\underbrace{w \\hat P / N}_{\\text{mean gradient shard}}
     + \\underbrace{R}_{\\text{reduce buffers}}
-    + \\underbrace{P s + \\textstyle\\sum_b \\text{or} \\max_b
+    + \\underbrace{P s + \\textstyle\\sum_{b \\in F}
       \\big((k + 1)\\, w\\, c_b + s\\, c_b + s\\, B_b\\big)}_{\\text{update buffers}}
 
 where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
-otherwise, and the reduce buffers :math:`R` are the flat gradient buckets: all of them
-(:math:`\\hat P` elements) at stage 1, the largest one at stage 2. The update buffers
-are what the update allocates before the old arrays go. Per bucket :math:`b` of
-:math:`B_b` elements, of which this rank owns :math:`c_b`: new state and parameter (or
-master) parts, the part in the model's dtype and the gathered bucket; every bucket may
-be in flight at stage 1 (:math:`\\sum_b`), one at a time at stage 2 (:math:`\\max_b`).
-Plus the new parameters (:math:`P s`), cut out of the gathered buckets (a one-bucket
-buffer's are views of the bucket, so its :math:`P s` is dropped). The sum is the peak of
-a step, less activations. With shard weights, rank r's part of every bucket sets :math:`c_b`. These are exactly the
-figures of :meth:`ShardedOptimizer.memory_report`; activations are not included.
+otherwise. A step works bucket by bucket, and :math:`F` is the set of buckets that can
+be in flight at once: the ``IN_FLIGHT`` (3) largest at stage 1, the largest at stage 2.
+The reduce buffers :math:`R` are the flat gradient buckets of :math:`F`. The update
+buffers are what the update allocates before the old arrays go: per bucket :math:`b` of
+:math:`B_b` elements, of which this rank owns :math:`c_b`, the new state and parameter
+(or master) parts, the part in the model's dtype and the gathered bucket; plus the new
+parameters (:math:`P s`), cut out of the gathered buckets (a one-bucket buffer's are
+views of it, so its :math:`P s` is dropped). The sum is the peak of a step, less
+activations. With shard weights, rank r's part of every bucket sets :math:`c_b`. These
+are exactly the figures of :meth:`ShardedOptimizer.memory_report`.
 """
 
 import json
@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten
 
 from .layout import DEFAULT_BUCKET_BYTES, dtype_name, split_counts
 from .precision import Precision
-from .sharded import ELEMENTWISE, ShardedOptimizer
+from .sharded import ELEMENTWISE, ShardedOptimizer, in_flight
 
 DTYPES = {
     "float32": mx.float32, "fp32": mx.float32, "f32": mx.float32,
@@ -107,7 +107,7 @@ def plan(
     sizes = _buffer_sizes(model_or_param_count, dtype)
     slots = _state_arrays(optimizer)
     options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
-    stages = {"unsharded": _stage(sizes, [1], 1, slots, options, bucket_bytes)}
+    stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes)}
     for stage in (1, 2):
         stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes)
     budget = [usable_fraction * m * GiB for m in memory] if memory else None
@@ -140,15 +140,14 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
     """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula."""
     n = len(weights)
     out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
-    all_buckets, largest_bucket, per_bucket = 0, 0, [[] for _ in range(n)]
+    reduce_buckets, per_bucket = [], [[] for _ in range(n)]
     for dtype, size in sizes.items():
         padded = -(-max(size, 1) // n) * n
         work = options.work_dtype(dtype).size
         reduce = (options.reduce_dtype or dtype).size
         step = max(n, bucket_bytes // dtype.size // n * n)
-        all_buckets += padded * reduce
-        largest_bucket = max(largest_bucket, min(step, padded) * reduce)
         buckets = [min(step, padded - lo) for lo in range(0, padded, step)]
+        reduce_buckets += [b * reduce for b in buckets]
         for r, figures in enumerate(out):
             parts = [split_counts(b, weights)[r] for b in buckets]
             shard = sum(parts)
@@ -163,8 +162,8 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
             figures["update_buffer_bytes"] += size * dtype.size if len(buckets) > 1 else 0
     for figures, transient in zip(out, per_bucket):
         figures["optimizer_state_bytes"] += _scalar_bytes(options)
-        figures["reduce_buffer_bytes"] = all_buckets if stage == 1 else largest_bucket
-        figures["update_buffer_bytes"] += sum(transient) if stage == 1 else max(transient)
+        figures["reduce_buffer_bytes"] = in_flight(reduce_buckets, stage)
+        figures["update_buffer_bytes"] += in_flight(transient, stage)
         figures["total_bytes"] = sum(figures.values())
     return out
 

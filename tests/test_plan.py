@@ -47,17 +47,18 @@ def test_plan_formula_for_a_7b_model_on_four_macs():
     assert s1["master_weight_bytes"] == 4 * shard
     assert s1["optimizer_state_bytes"] == 2 * 4 * shard + 8 + 4  # m, v in fp32, plus step and learning_rate
     assert s1["gradient_shard_bytes"] == 4 * shard
-    assert s1["reduce_buffer_bytes"] == 14e9 and s2["reduce_buffer_bytes"] == 256 * 1024**2
+    bucket = 256 * 1024**2 // 2  # bf16 elements of a 256 MiB bucket; 3 may be in flight at stage 1
+    assert s1["reduce_buffer_bytes"] == 3 * 2 * bucket and s2["reduce_buffer_bytes"] == 2 * bucket
     assert alone["optimizer_state_bytes"] == 2 * 4 * 7e9 + 12
-    # The new bf16 parameters, plus per bucket: new m, v and master parts (fp32), the part
-    # in bf16 and the gathered bf16 bucket; every bucket at stage 1, the largest at stage 2.
-    bucket = 256 * 1024**2 // 2
-    assert s1["update_buffer_bytes"] == 14e9 + 3 * 4 * shard + 2 * shard + 14e9
-    assert s2["update_buffer_bytes"] == 14e9 + 3 * 4 * bucket // 4 + 2 * bucket // 4 + 2 * bucket
+    # The new bf16 parameters, plus per bucket in flight: new m, v and master parts (fp32),
+    # the part in bf16 and the gathered bf16 bucket.
+    per_bucket = 3 * 4 * bucket // 4 + 2 * bucket // 4 + 2 * bucket
+    assert s1["update_buffer_bytes"] == 14e9 + 3 * per_bucket
+    assert s2["update_buffer_bytes"] == 14e9 + per_bucket
     assert s2["total_bytes"] < s1["total_bytes"] < alone["total_bytes"]
-    assert s1["fits"] == [False] * 4 and s2["fits"] == [False] * 4  # 88 GiB > 75% of 64 GiB
+    assert s1["fits"] == [False] * 4 and s2["fits"] == [False] * 4  # 66.1 GiB > 75% of 64 GiB
     big = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=128, master_weights=True)["stages"]
-    assert big[2]["fits"] == [True] * 4 and big[1]["fits"] == [False] * 4  # 88 and 101 GiB against 96
+    assert big[2]["fits"] == [True] * 4 and big[1]["fits"] == [True] * 4  # 66.1 and 68.0 GiB against 96
 
 
 def test_plan_cli_prints_the_table():
