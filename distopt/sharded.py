@@ -10,8 +10,11 @@ ends the step with the same full parameters, as plain data parallelism would giv
     w^{(r)}_{t+1} = \\text{update}(\\bar g^{(r)}, w^{(r)}_t, s^{(r)}_t), \\qquad
     w_{t+1} = \\text{all\\_gather}_r\\, w^{(r)}_{t+1}
 
-where :math:`x^{(r)}` is rank r's shard of the flat buffer of x. The precision
-options (fp32 master shards, clipping, non-finite skip, loss scaling) live in
+where :math:`x^{(r)}` is rank r's shard of the flat buffer of x. The step runs bucket
+by bucket: each bucket's gradient is reduced, its part updated and gathered on its own,
+and the new parameters are cut out of the gathered buckets, so beyond the new
+parameters a step holds only the buckets in flight, never a whole-model copy. The
+precision options (fp32 master shards, clipping, non-finite skip, loss scaling) live in
 :mod:`distopt.precision`; with them off the step is exactly the one above.
 """
 
@@ -47,8 +50,10 @@ class ShardedOptimizer(optim.Optimizer):
         group (mx.distributed.Group, optional): the ranks to shard over; default
           :func:`distopt.init`'s world group. With one rank the optimizer runs
           unchanged.
-        stage (int): 1 shards the optimizer state; 2 also keeps only this rank's
-          shard of the reduced gradient, reducing bucket by bucket. Default ``1``.
+        stage (int): both stages shard the optimizer state and keep only this rank's
+          part of the reduced gradient. Stage 1 lets up to 3 buckets be in flight
+          (faster on a GPU); stage 2 finishes each bucket before the next (one bucket
+          of working memory). Default ``1``.
         bucket_bytes (int): bytes per communication bucket. Default 256 MiB.
         shard_weights (list, optional): relative shard size per rank, e.g. the
           memory of each Mac. Equal shards by default.
@@ -71,8 +76,9 @@ class ShardedOptimizer(optim.Optimizer):
     With one rank and none of the precision options, the inner optimizer runs
     unchanged; with any of them, the flat path runs with a single shard.
 
-    State: ``state["shards"][dtype_name]`` holds this rank's flat shard of every state
-    key of the inner optimizer and, with master weights, ``"master"`` (fp32); the
+    State: ``state["shards"][dtype_name][key]`` is a list with this rank's part of every
+    bucket, for every state key of the inner optimizer and, with master weights,
+    ``"master"`` (fp32); :meth:`flat_shards` joins each list into one flat shard. The
     options add the 0-d arrays ``grad_norm``, ``skipped_steps``, ``loss_scale`` and
     ``loss_scale_good_steps`` at the top level when they use them. To compile the
     step, call ``init(model.trainable_parameters())`` first.
