@@ -216,6 +216,7 @@ class ShardedOptimizer(optim.Optimizer):
         self.layout.check_tree(gradients)
         watchdog.step_started()
         self.comm.traffic.start_step()
+        self._in_flight.clear()  # nothing left over from a step that raised
         # 1. This rank's part of the mean gradient, for every bucket of every dtype buffer.
         grads = {name: self._mean_parts(gradients, name) for name in self.layout.buffers}
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.

@@ -57,7 +57,7 @@ def run_bench(opts, log=print, partial=None):
     """
     jobs = [(kind, parse_size(s)) for kind in opts.models for s in opts.sizes]
     jobs = [(kind, n) for kind, n in jobs if kind != "transformer" or n <= opts.lm_max]
-    base = {"batch": opts.batch, "lm_batch": opts.lm_batch, "seq": opts.seq, "repeats": opts.repeats, "warmup": opts.warmup, "device": opts.device}
+    base = {"batch": opts.batch, "lm_batch": opts.lm_batch, "seq": opts.seq, "repeats": opts.repeats, "warmup": opts.warmup, "device": opts.device, "mlx_cache_gb": opts.mlx_cache_gb}
     methods = [m for m in opts.methods if m != "single"]
     torch_ok = "torch_zero" in methods and _has_torch()
     rows, errors = [], []
@@ -108,6 +108,7 @@ def _meta(opts, torch_ok):
         "lm_batch": opts.lm_batch,
         "seq": opts.seq,
         "repeats": opts.repeats,
+        "mlx_cache_limit_gb": opts.mlx_cache_gb,
         "load_average": [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "peak_memory": "device peak (mx.get_peak_memory / torch.cuda.max_memory_allocated)" if opts.device == "gpu"
         else "process peak RSS (VmHWM, reset before the timed steps)",
@@ -154,6 +155,10 @@ def parser():
     p.add_argument("--batch", type=int, default=None, help="MLP rows per rank (default 16 on CPU, 256 on GPU)")
     p.add_argument("--lm-batch", type=int, default=None, help="transformer sequences per rank (default 2 on CPU, 8 on GPU)")
     p.add_argument("--seq", type=int, default=None, help="transformer sequence length (default 64 on CPU, 256 on GPU)")
+    p.add_argument(
+        "--mlx-cache-gb", type=float, default=None,
+        help="mx.set_cache_limit for every MLX method, in GiB (MLX's CPU default keeps 32 MiB of freed buffers; on a Mac the limit is the memory limit)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--throughput", type=str, default="16M", help="elements for the update-throughput test; 0 to skip")

@@ -159,10 +159,12 @@ def mlx_worker(cfg):
 
     group = distopt.init(backend=cfg.get("init_backend", "auto"))
     cfg["rank"] = group.rank()
-    if cfg.get("device") == "cpu":
-        import mlx.core as mx
+    import mlx.core as mx
 
+    if cfg.get("device") == "cpu":
         mx.set_default_device(mx.cpu)
+    if cfg.get("mlx_cache_gb") is not None:
+        mx.set_cache_limit(int(cfg["mlx_cache_gb"] * 2**30))
     rows = []
     for kind, params in cfg["jobs"]:
         for method in cfg["methods"]:

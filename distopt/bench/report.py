@@ -82,7 +82,8 @@ def format_table(result):
     meta, lines = result["meta"], []
     peak = "peak dev MiB" if meta["device"] == "gpu" else "peak RSS MiB"
     lines.append(f"distopt bench  {meta['date']}  {meta['machine']}  commit {meta['commit']}  mlx {meta['mlx']}"
-                 + (f"  torch {meta['torch']}" if "torch" in meta else "") + f"  backend {meta['backend']}  load {meta['load_average']}")  # fmt: skip
+                 + (f"  torch {meta['torch']}" if "torch" in meta else "") + f"  backend {meta['backend']}  load {meta['load_average']}"
+                 + (f"  mlx cache limit {meta['mlx_cache_limit_gb']} GiB" if meta.get("mlx_cache_limit_gb") is not None else ""))  # fmt: skip
     head = f"{'model':<11} {'size':>5} {'N':>2} {'method':<11} {'step ms':>9} {'spread':>7} {'fb ms':>8} {'opt ms':>8} {'sent MiB':>9} {'state MiB':>9} {peak:>12}"
     lines += [head, "-" * len(head)]
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["size"], r["ranks"], METHODS.index(r["method"]))):
