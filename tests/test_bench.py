@@ -17,15 +17,16 @@ def test_bench_two_ranks_table_and_json(tmp_path):
     cmd = [
         sys.executable, "-m", "distopt.cli", "bench", "--models", "mlp,transformer", "--sizes", "16k",
         "--ranks", "2", "--methods", methods, "--repeats", "2", "--warmup", "1", "--lm-batch", "1",
-        "--seq", "8", "--throughput", "64k", "--timeout", "120", "--json", str(out),
+        "--seq", "8", "--throughput", "64k", "--timeout", "120", "--json", str(out), "--mlx-cache-gb", "0.5",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for header in ("step ms", "spread", "fb ms", "opt ms", "sent MiB", "state MiB", "peak RSS MiB", "step/mlx_dp", "GB/s"):
         assert header in proc.stdout, header
 
+    assert "mlx cache limit 0.5 GiB" in proc.stdout  # --mlx-cache-gb is recorded in the header and JSON
     result = json.loads(out.read_text())
-    assert result["errors"] == []
+    assert result["errors"] == [] and result["meta"]["mlx_cache_limit_gb"] == 0.5
     rows = {(r["method"], r["model"], r["ranks"]): r for r in result["rows"]}
     expected = {("single", m, 1) for m in ("mlp", "transformer")}
     expected |= {(x, m, 2) for x in methods.split(",")[1:] for m in ("mlp", "transformer")}
