@@ -1,7 +1,10 @@
 """Single-process behaviour: the MLX optimizer interface, validation, layout, N=1 fallback."""
 
 import inspect
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -184,3 +187,29 @@ def test_layout_rejects_empty_model_and_mismatched_gradients():
         layout.check_tree({"w": mx.zeros((3,)), "b": mx.zeros((3,))})
     with pytest.raises(ValueError, match="dtype bfloat16"):
         layout.check_tree({"w": mx.zeros((3,), mx.bfloat16), "b": mx.zeros((2,))})
+
+
+def test_api_docs_match_the_docstrings():
+    """docs/api.md is generated from the public docstrings and CLI help; it must be current."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "docs" / "gen_api.py"), "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"docs/api.md is out of date: run python docs/gen_api.py\n{proc.stdout}{proc.stderr}"
+
+
+@pytest.mark.parametrize("bucket_bytes", [12, 40, 1 << 20])
+def test_unflatten_buckets_rebuilds_each_parameter_where_it_ends(bucket_bytes):
+    """Parameters cut out of the full buckets equal the originals (empty ones too), each
+    yielded with the bucket holding its last element."""
+    tree = {"a": mx.arange(5.0), "empty": mx.zeros((0,)), "w": mx.arange(21.0).reshape(7, 3), "b": mx.array([7.0, 8.0])}
+    layout = FlatLayout(tree, 3, bucket_bytes=bucket_bytes)
+    buf = layout.buffers["float32"]
+    full = [layout.flat_range(tree, "float32", b.start, b.stop) for b in buf.buckets]
+    seen = {}
+    for bucket, ready in zip(buf.buckets, layout.unflatten_buckets("float32", iter(full))):
+        for path, value in ready:
+            entry = next(e for e in buf.entries if e.path == path)
+            assert bucket.start <= entry.offset + entry.size <= bucket.stop, path
+            seen[path] = value
+    assert list(seen) == ["a", "empty", "w", "b"]
+    for path, value in seen.items():
+        assert value.shape == tree[path].shape and mx.array_equal(value, tree[path]), path
