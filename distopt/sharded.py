@@ -300,7 +300,10 @@ class ShardedOptimizer(optim.Optimizer):
         for the bucket scheduled ``IN_FLIGHT - 1`` settles before: at most ``IN_FLIGHT``
         buckets in flight. Inside ``mx.compile`` nothing can be evaluated, and the
         compiled graph is left as is."""
-        if traced(arrays, wait=self.stage == 2) or self.stage == 2:
+        if self.stage == 2:
+            traced(arrays)  # evaluates them, except under mx.compile
+            return
+        if traced(arrays, wait=False):
             return
         self._in_flight.append(arrays)
         if len(self._in_flight) >= IN_FLIGHT:
@@ -309,8 +312,7 @@ class ShardedOptimizer(optim.Optimizer):
     def _gather(self, parts, name):
         """The full flat buffer ``name`` from every rank's per-bucket ``parts`` (consolidation)."""
         buckets = self.layout.buffers[name].buckets
-        full = [self.comm.all_gather(part, bucket) for part, bucket in zip(parts, buckets)]
-        return full[0] if len(full) == 1 else mx.concatenate(full)
+        return _join([self.comm.all_gather(part, bucket) for part, bucket in zip(parts, buckets)])
 
     def flat_shards(self):
         """This rank's state as one flat shard per key: ``{dtype_name: {key: array}}``
