@@ -18,7 +18,7 @@ import bisect
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .layout import FlatLayout, dtype_name
+from .layout import FlatLayout, dtype_name, join
 from .manifest import CheckpointError
 
 ONE_BUCKET = 2**62  # bucket_bytes that puts a whole buffer in one bucket
@@ -68,7 +68,7 @@ def from_mlx_layout(state, parameters):
     shards, buffers = {}, {}
     for name, buf in layout.buffers.items():
         keys = _common_keys(buf, per_param)
-        shards[name] = {k: _concat([per_param[e.path][k].reshape(-1) for e in buf.entries]) for k in keys}
+        shards[name] = {k: join([per_param[e.path][k].reshape(-1) for e in buf.entries]) for k in keys}
         buffers[name] = describe_buffer(buf, keys)
     return globals_, shards, buffers
 
@@ -95,10 +95,6 @@ def _common_keys(buf, per_param):
                 "every parameter of one dtype must have the same state to be saved."
             )
     return keys
-
-
-def _concat(parts):
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
 class SavedBuffer:
@@ -179,4 +175,4 @@ def build(runs, sources, dtype):
     parts = [mx.zeros((n,), dtype) if r is None else sources[r][p : p + n] for r, p, n in runs]
     if not parts:
         return mx.zeros((0,), dtype)
-    return _concat(parts)
+    return join(parts)

@@ -64,6 +64,13 @@ class Buffer:
         """Elements of this buffer that ``rank`` owns: its part of every bucket."""
         return sum(b.counts[rank] for b in self.buckets)
 
+    def part_starts(self, rank):
+        """Where ``rank``'s part of each bucket begins in its shard, and the shard's end."""
+        starts = [0]
+        for bucket in self.buckets:
+            starts.append(starts[-1] + bucket.counts[rank])
+        return starts
+
     def shard_ranges(self, rank):
         """The (lo, hi) ranges of the flat buffer that make up rank's shard."""
         return [b.part(rank) for b in self.buckets]
@@ -72,6 +79,25 @@ class Buffer:
 def dtype_name(dtype):
     """``mx.float32`` -> ``"float32"``."""
     return str(dtype).rsplit(".", 1)[-1]
+
+
+def join(parts):
+    """One flat array from a non-empty list of flat arrays (the array itself if only one)."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def cut_buckets(size, itemsize, weights, bucket_bytes):
+    """``(padded_size, buckets)`` of a flat buffer of ``size`` elements of ``itemsize`` bytes.
+
+    The buffer is padded to a multiple of N = ``len(weights)`` and cut into buckets of
+    about ``bucket_bytes`` (a multiple of N elements, so only the last holds padding),
+    each split into per-rank parts by :func:`split_counts`.
+    """
+    n = len(weights)
+    padded = -(-max(size, 1) // n) * n
+    step = max(n, bucket_bytes // itemsize // n * n)
+    stops = [min(lo + step, padded) for lo in range(0, padded, step)]
+    return padded, tuple(Bucket(lo, hi, split_counts(hi - lo, weights)) for lo, hi in zip(range(0, padded, step), stops))
 
 
 def split_counts(total, weights):
@@ -120,13 +146,7 @@ class FlatLayout:
         for path, leaf in leaves:
             entries.append(Entry(path, tuple(leaf.shape), offset, leaf.size))
             offset += leaf.size
-        n = self.num_shards
-        padded = -(-max(offset, 1) // n) * n
-        step = max(n, self.bucket_bytes // dtype.size // n * n)
-        buckets = tuple(
-            Bucket(lo, min(lo + step, padded), split_counts(min(lo + step, padded) - lo, self.weights))
-            for lo in range(0, padded, step)
-        )
+        padded, buckets = cut_buckets(offset, dtype.size, self.weights, self.bucket_bytes)
         return Buffer(dtype, tuple(entries), offset, padded, buckets)
 
     def signature(self):
@@ -163,12 +183,11 @@ class FlatLayout:
             pos, i = end, i + 1
         if hi > max(lo, buf.size):
             pieces.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
-        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+        return join(pieces)
 
-    def shard(self, tree, name, rank):
-        """Rank's shard of ``tree``'s flat ``name`` buffer (its part of every bucket)."""
-        parts = [self.flat_range(tree, name, lo, hi) for lo, hi in self.buffers[name].shard_ranges(rank)]
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    def shard_parts(self, tree, name, rank):
+        """Rank's part of every bucket of ``tree``'s flat ``name`` buffer (its shard, per bucket)."""
+        return [self.flat_range(tree, name, lo, hi) for lo, hi in self.buffers[name].shard_ranges(rank)]
 
     def unflatten(self, flats):
         """The tree of parameters held by the full (gathered) flat buffers ``flats``."""

@@ -36,7 +36,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .layout import DEFAULT_BUCKET_BYTES, dtype_name, split_counts
+from .layout import DEFAULT_BUCKET_BYTES, cut_buckets, dtype_name
 from .precision import Precision
 from .sharded import ELEMENTWISE, ShardedOptimizer, in_flight
 
@@ -142,14 +142,13 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
     out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
     reduce_buckets, per_bucket = [], [[] for _ in range(n)]
     for dtype, size in sizes.items():
-        padded = -(-max(size, 1) // n) * n
         work = options.work_dtype(dtype).size
         reduce = (options.reduce_dtype or dtype).size
-        step = max(n, bucket_bytes // dtype.size // n * n)
-        buckets = [min(step, padded - lo) for lo in range(0, padded, step)]
+        _, cut = cut_buckets(size, dtype.size, weights, bucket_bytes)
+        buckets = [b.stop - b.start for b in cut]
         reduce_buckets += [b * reduce for b in buckets]
         for r, figures in enumerate(out):
-            parts = [split_counts(b, weights)[r] for b in buckets]
+            parts = [b.counts[r] for b in cut]
             shard = sum(parts)
             figures["parameter_bytes"] += size * dtype.size
             figures["gradient_bytes"] += size * dtype.size

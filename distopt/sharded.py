@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import precision, validate, watchdog
 from .comm import Traffic, make_communicator, traced
 from .group import DistoptError, all_gather_object, init
-from .layout import DEFAULT_BUCKET_BYTES, FlatLayout
+from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, join
 
 # Optimizers whose update of an element depends on that element alone, so the
 # update of a flat shard equals the update of every parameter in it.
@@ -146,8 +146,8 @@ class ShardedOptimizer(optim.Optimizer):
 
     @property
     def state(self):
-        """The optimizer state: ``step``, ``learning_rate`` and this rank's flat ``shards``
-        (or, unsharded, the inner optimizer's own state)."""
+        """The optimizer state: ``step``, ``learning_rate`` and this rank's ``shards``, one
+        array per bucket (or, unsharded, the inner optimizer's own state)."""
         return self._state if self.sharded else self.inner.state
 
     @property
@@ -204,8 +204,8 @@ class ShardedOptimizer(optim.Optimizer):
         for name, buf in self.layout.buffers.items():
             shard = self._state["shards"][name]
             if self.precision.has_master(buf.dtype) and "master" not in shard:
-                ranges = buf.shard_ranges(self.group.rank())
-                shard["master"] = [self.layout.flat_range(parameters, name, lo, hi).astype(mx.float32) for lo, hi in ranges]
+                parts = self.layout.shard_parts(parameters, name, self.group.rank())
+                shard["master"] = [part.astype(mx.float32) for part in parts]
 
     def apply_gradients(self, gradients, parameters):
         """Average ``gradients`` over ranks, update this rank's shard, return full parameters."""
@@ -312,25 +312,20 @@ class ShardedOptimizer(optim.Optimizer):
     def _gather(self, parts, name):
         """The full flat buffer ``name`` from every rank's per-bucket ``parts`` (consolidation)."""
         buckets = self.layout.buffers[name].buckets
-        return _join([self.comm.all_gather(part, bucket) for part, bucket in zip(parts, buckets)])
+        return join([self.comm.all_gather(part, bucket) for part, bucket in zip(parts, buckets)])
 
     def flat_shards(self):
         """This rank's state as one flat shard per key: ``{dtype_name: {key: array}}``
         (its parts of the buckets joined, as a checkpoint stores them)."""
-        return {name: {key: _join(parts) for key, parts in keys.items()} for name, keys in self._state.get("shards", {}).items()}
+        return {name: {key: join(parts) for key, parts in keys.items()} for name, keys in self._state.get("shards", {}).items()}
 
     def load_flat_shards(self, shards):
         """Set this rank's state from flat shards laid out as :meth:`flat_shards` gives them.
         The state's lists are filled in place (a compiled step may hold them)."""
-        rank = self.group.rank()
         for name, keys in shards.items():
-            buf, current = self.layout.buffers[name], self._state["shards"][name]
+            starts, current = self.layout.buffers[name].part_starts(self.group.rank()), self._state["shards"][name]
             for key, flat in keys.items():
-                bounds = [0]
-                for bucket in buf.buckets:
-                    bounds.append(bounds[-1] + bucket.counts[rank])
-                parts = [flat[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
-                current.setdefault(key, [])[:] = parts
+                current.setdefault(key, [])[:] = [flat[lo:hi] for lo, hi in zip(starts, starts[1:])]
 
     def _settings(self):
         """The optimizer's configuration, which must be equal on every rank."""
@@ -415,8 +410,9 @@ class ShardedOptimizer(optim.Optimizer):
         ``gradient_shard_bytes``: the mean gradient shard. ``reduce_buffer_bytes``:
         the flat gradient buckets being reduced: the ``IN_FLIGHT`` (3) largest at
         stage 1, the largest one at stage 2. ``update_buffer_bytes``: what the update allocates
-        while the old arrays are still alive (new state and parameter shards, the
-        shard in the model's dtype, the gathered flat parameters). ``total_bytes``:
+        while the old arrays are still alive (the new parameters and, per bucket in
+        flight, the new state and parameter parts, the part in the model's dtype and
+        the gathered bucket). ``total_bytes``:
         their sum, the expected peak of a step without activations.
         """
         scalars = sum(v.nbytes for k, v in self._state.items() if isinstance(v, mx.array))
@@ -463,11 +459,6 @@ def in_flight(per_bucket, stage):
     stage 1, the largest at stage 2, all of them for ``stage=None`` (an unsharded update
     of everything at once, as ``mlx.optimizers`` runs it)."""
     return sum(sorted(per_bucket, reverse=True)[: {1: IN_FLIGHT, 2: 1}.get(stage)])
-
-
-def _join(parts):
-    """One flat array from a list of per-bucket parts."""
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
 class SingleRankComm:
