@@ -11,6 +11,7 @@ raises the same :class:`CheckpointError` on every rank and leaves model and opti
 untouched.
 """
 
+import math
 import numbers
 import os
 import secrets
@@ -304,13 +305,13 @@ def _mlx_state(path, manifest, optimizer):
 def mlx_state_items(path, manifest):
     """``[(key, array)]`` of the full state in ``mlx.optimizers`` layout, flattened
     (``"step"``, ``"learning_rate"``, ``"layers.0.weight.m"``, ...), from every saved shard."""
-    buffers = {n: (d, [(p, 0, _numel(s)) for p, s, _ in d["entries"]]) for n, d in manifest["buffers"].items()}
+    buffers = {n: (d, [(p, 0, math.prod(s)) for p, s, _ in d["entries"]]) for n, d in manifest["buffers"].items()}
     rebuilt = _rebuild(path, manifest, buffers)
     items = list(rebuilt["globals"].items())
     for name, keys in rebuilt["shards"].items():
         for p, shape, offset in manifest["buffers"][name]["entries"]:
             for key, flat in keys.items():
-                items.append((f"{p}.{key}", flat[offset : offset + _numel(shape)].reshape(shape)))
+                items.append((f"{p}.{key}", flat[offset : offset + math.prod(shape)].reshape(shape)))
     return items
 
 
@@ -454,13 +455,6 @@ def _keys(state):
 
 def _arrays(flat):
     return [[k, list(v.shape), dtype_name(v.dtype)] for k, v in flat.items()]
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _message(e):

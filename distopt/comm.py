@@ -39,6 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from .group import backend_of
+from .layout import dtype_name
 from .ring import Ring
 
 log = logging.getLogger("distopt")
@@ -357,7 +358,7 @@ def _sum_op(dtype):
 
     if dtype not in HALF.values():
         return MPI.SUM
-    name = str(dtype).rsplit(".", 1)[-1]
+    name = dtype_name(dtype)
     if name not in _ops:
         _ops[name] = MPI.Op.Create(half_sum_op(name), commute=True)
     return _ops[name]

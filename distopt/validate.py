@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .comm import traced
+from .layout import dtype_name
 
 
 def check_learning_rate(value):
@@ -43,10 +44,6 @@ def check_gradients(gradients, parameters):
             raise ValueError(f"The gradients hold '{path}', which is not a parameter of the model.")
         if grad.shape != param.shape or grad.dtype != param.dtype:
             raise ValueError(
-                f"The gradient of '{path}' has shape {tuple(grad.shape)} and dtype {_name(grad.dtype)}; "
-                f"the parameter has shape {tuple(param.shape)} and dtype {_name(param.dtype)}."
+                f"The gradient of '{path}' has shape {tuple(grad.shape)} and dtype {dtype_name(grad.dtype)}; "
+                f"the parameter has shape {tuple(param.shape)} and dtype {dtype_name(param.dtype)}."
             )
-
-
-def _name(dtype):
-    return str(dtype).rsplit(".", 1)[-1]

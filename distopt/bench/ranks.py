@@ -81,14 +81,8 @@ def _mlx_barrier(group):
 
 def _sent_bytes(opt):
     """Bytes this rank has sent so far through distopt's communicator."""
-    report = getattr(opt, "comm_report", None)
-    if callable(report):
-        rep = report()
-        for key in ("bytes_sent", "sent_bytes", "sent"):
-            if isinstance(rep.get(key), (int, float)):
-                return rep[key]
-    comm = getattr(opt, "comm", None)
-    return comm.traffic.total_sent() if comm is not None else 0
+    report = getattr(opt, "comm_report", None)  # distopt optimizers only
+    return report().get("total_sent", 0) if callable(report) else 0
 
 
 def _release_memory():

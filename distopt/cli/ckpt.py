@@ -1,6 +1,7 @@
 """``distopt ckpt inspect DIR`` and ``distopt ckpt consolidate DIR OUT``."""
 
 import json
+import math
 
 import click
 
@@ -55,7 +56,7 @@ def format_summary(m):
     hyper = " ".join(f"{k}={v}" for k, v in opt["hyperparameters"].items())
     sched = f"; scheduled: {', '.join(opt['schedules'])}" if opt["schedules"] else ""
     lr = "n/a" if m["learning_rate"] is None else f"{m['learning_rate']:.6g}"
-    params = sum(_numel(s) for _, s, _ in m["model"]["arrays"])
+    params = sum(math.prod(s) for _, s, _ in m["model"]["arrays"])
     lines = [
         f"checkpoint  {m['path']}",
         f"step        {m['step']} (optimizer step {m['optimizer_step']}, learning rate {lr})",
@@ -74,10 +75,3 @@ def format_summary(m):
     for name, info in sorted(m["files"].items()):
         lines.append(f"  {name:<40} {info['bytes']:>12,} B  sha256 {info['sha256'][:12]}  {m['check'][name]}")
     return "\n".join(lines)
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
