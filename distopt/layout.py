@@ -14,6 +14,7 @@ step to about one bucket and lets one bucket's communication overlap the next.
 
 import bisect
 from dataclasses import dataclass
+from functools import cached_property
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -60,6 +61,11 @@ class Buffer:
         """The buffer's dtype name, e.g. ``"float32"`` (its key in the optimizer state)."""
         return dtype_name(self.dtype)
 
+    @cached_property
+    def starts(self):
+        """Every entry's offset, in order (for bisecting a flat position)."""
+        return [e.offset for e in self.entries]
+
     def shard_size(self, rank):
         """Elements of this buffer that ``rank`` owns: its part of every bucket."""
         return sum(b.counts[rank] for b in self.buckets)
@@ -79,6 +85,15 @@ class Buffer:
 def dtype_name(dtype):
     """``mx.float32`` -> ``"float32"``."""
     return str(dtype).rsplit(".", 1)[-1]
+
+
+class Leaves(dict):
+    """A tree's array leaves by path, as ``dict(tree_flatten(tree))``: flattened once."""
+
+    @classmethod
+    def of(cls, tree):
+        """``tree``'s leaves (``tree`` itself if it already is :class:`Leaves`)."""
+        return tree if isinstance(tree, cls) else cls(tree_flatten(tree))
 
 
 def join(parts):
@@ -170,12 +185,14 @@ class FlatLayout:
             raise ValueError(f"The {what} hold '{next(iter(leaves))}', which the optimizer was not initialized with.")
 
     def flat_range(self, tree, name, lo, hi):
-        """``flatten(tree)[name][lo:hi]`` built from slices of the overlapping leaves only."""
+        """``flatten(tree)[name][lo:hi]`` built from slices of the overlapping leaves only.
+
+        ``tree`` may be :class:`Leaves` (flattened once for the many buckets of a step).
+        """
         buf = self.buffers[name]
-        leaves = dict(tree_flatten(tree))
-        starts = [e.offset for e in buf.entries]
+        leaves = Leaves.of(tree)
         pieces, pos = [], lo
-        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        i = max(bisect.bisect_right(buf.starts, lo) - 1, 0)
         while pos < min(hi, buf.size):
             e = buf.entries[i]
             end = min(hi, e.offset + e.size)
@@ -187,7 +204,8 @@ class FlatLayout:
 
     def shard_parts(self, tree, name, rank):
         """Rank's part of every bucket of ``tree``'s flat ``name`` buffer (its shard, per bucket)."""
-        return [self.flat_range(tree, name, lo, hi) for lo, hi in self.buffers[name].shard_ranges(rank)]
+        leaves = Leaves.of(tree)
+        return [self.flat_range(leaves, name, lo, hi) for lo, hi in self.buffers[name].shard_ranges(rank)]
 
     def unflatten(self, flats):
         """The tree of parameters held by the full (gathered) flat buffers ``flats``."""

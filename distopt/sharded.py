@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import precision, validate, watchdog
 from .comm import Traffic, make_communicator, traced
 from .group import DistoptError, all_gather_object, init
-from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, join
+from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, join
 
 # Optimizers whose update of an element depends on that element alone, so the
 # update of a flat shard equals the update of every parameter in it.
@@ -217,6 +217,7 @@ class ShardedOptimizer(optim.Optimizer):
         watchdog.step_started()
         self.comm.traffic.start_step()
         self._in_flight.clear()  # nothing left over from a step that raised
+        gradients, parameters = Leaves.of(gradients), Leaves.of(parameters)  # flattened once for all buckets
         # 1. This rank's part of the mean gradient, for every bucket of every dtype buffer.
         grads = {name: self._mean_parts(gradients, name) for name in self.layout.buffers}
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
