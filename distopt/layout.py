@@ -170,7 +170,7 @@ class FlatLayout:
 
     def check_tree(self, tree, what="gradients"):
         """Raise a ValueError naming the first leaf of ``tree`` that does not fit."""
-        leaves = dict((k, v) for k, v in tree_flatten(tree) if isinstance(v, mx.array))
+        leaves = {k: v for k, v in Leaves.of(tree).items() if isinstance(v, mx.array)}
         for name, buf in self.buffers.items():
             for e in buf.entries:
                 leaf = leaves.pop(e.path, None)

@@ -213,11 +213,11 @@ class ShardedOptimizer(optim.Optimizer):
             return self.inner.apply_gradients(gradients, parameters)
         if not self._initialized:
             self._init_lazily(gradients, parameters)
+        gradients, parameters = Leaves.of(gradients), Leaves.of(parameters)  # flattened once for all buckets
         self.layout.check_tree(gradients)
         watchdog.step_started()
         self.comm.traffic.start_step()
         self._in_flight.clear()  # nothing left over from a step that raised
-        gradients, parameters = Leaves.of(gradients), Leaves.of(parameters)  # flattened once for all buckets
         # 1. This rank's part of the mean gradient, for every bucket of every dtype buffer.
         grads = {name: self._mean_parts(gradients, name) for name in self.layout.buffers}
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
