@@ -218,8 +218,10 @@ class ShardedOptimizer(optim.Optimizer):
         watchdog.step_started()
         self.comm.traffic.start_step()
         self._in_flight.clear()  # nothing left over from a step that raised
-        # 1. This rank's part of the mean gradient, for every bucket of every dtype buffer.
-        grads = {name: self._mean_parts(gradients, name) for name in self.layout.buffers}
+        # 1. This rank's part of the summed (or mean) gradient, for every bucket of every dtype buffer.
+        grads, divisors = {}, {}
+        for name in self.layout.buffers:
+            grads[name], divisors[name] = self._mean_parts(gradients, name)
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
         grads, coefficient, ok = self.precision.prepare(grads, self._state, self.group)
         self._advance_step(ok)
@@ -227,7 +229,10 @@ class ShardedOptimizer(optim.Optimizer):
         updated = []
         for name in self.layout.buffers:
             # 3. Update each bucket's part (fp32 master if any) and gather the bucket.
-            gathered = (self._update_part(name, b, hyper, g, parameters, coefficient, ok) for b, g in enumerate(grads[name]))
+            divisor = divisors[name]
+            gathered = (
+                self._update_part(name, b, hyper, g, parameters, coefficient, ok, divisor) for b, g in enumerate(grads[name])
+            )
             # 4. Cut the new parameters out of the gathered buckets as they arrive.
             for ready in self.layout.unflatten_buckets(name, gathered):
                 self._settle([array for _, array in ready])
@@ -235,7 +240,7 @@ class ShardedOptimizer(optim.Optimizer):
         self._in_flight.clear()  # still running; the step's outputs hold what they need
         return self.layout.tree(updated)
 
-    def _update_part(self, name, b, hyper, grad, parameters, coefficient, ok):
+    def _update_part(self, name, b, hyper, grad, parameters, coefficient, ok, divisor=None):
         """Update this rank's part of bucket ``b`` of buffer ``name``; return the bucket
         gathered from every rank, in the model's dtype. A non-finite step changes nothing."""
         buf, shard = self.layout.buffers[name], self._state["shards"][name]
@@ -245,7 +250,7 @@ class ShardedOptimizer(optim.Optimizer):
             param = shard["master"][b]
         else:
             param = self.layout.flat_range(parameters, name, *bucket.part(self.group.rank()))
-        param, state = self._kernel(hyper, grad, param, state, coefficient, ok)
+        param, state = self._kernel(hyper, grad, param, state, coefficient, ok, divisor)
         for key, value in state.items():
             shard[key][b] = value
         if "master" in shard:
@@ -269,10 +274,13 @@ class ShardedOptimizer(optim.Optimizer):
             self._state[param] = scheduler(self.step)
         self._state["step"] = precision.select(ok, self.step + 1, self.step)
 
-    def _update_shard(self, hyper, grad, param, state, coefficient=None, ok=None):
-        """The inner optimizer's element-wise math on one flat shard (compiled once per shape)."""
+    def _update_shard(self, hyper, grad, param, state, coefficient=None, ok=None, divisor=None):
+        """The inner optimizer's element-wise math on one flat shard (compiled once per shape),
+        on ``mean(grad, divisor)`` when ``grad`` is still the sum over ``divisor`` ranks."""
         saved, self.inner._state = self.inner._state, hyper
         try:
+            if divisor is not None:
+                grad = mean(grad, divisor, param.dtype)
             new_state = dict(state)
             new_param = self.inner.apply_single(precision.clip(grad, coefficient), param, new_state)
             return precision.select(ok, new_param, param), precision.select(ok, new_state, state)
@@ -280,19 +288,23 @@ class ShardedOptimizer(optim.Optimizer):
             self.inner._state = saved
 
     def _mean_parts(self, gradients, name):
-        """This rank's part of every bucket of the gradient averaged over ranks, in the update's dtype."""
+        """This rank's part of every bucket of the gradient averaged over ranks, in the update's
+        dtype, and the divisor the update still has to apply: the sum over ranks is left
+        for the compiled update to divide (one pass over the part fewer) unless the
+        precision checks need the mean first or the division changes the dtype."""
         buf, parts = self.layout.buffers[name], []
         work, reduce_dtype = self.precision.work_dtype(buf.dtype), self.precision.reduce_dtype
+        divisor = self.group.size()
+        if self.precision.checks or (reduce_dtype or buf.dtype) != work:
+            divisor = None
         for bucket in buf.buckets:
             flat = self.layout.flat_range(gradients, name, bucket.start, bucket.stop)
             if reduce_dtype is not None:
                 flat = flat.astype(reduce_dtype)
             total = self.comm.reduce_scatter(flat, bucket)
-            if work == mx.float32:
-                total = total.astype(mx.float32)  # divide in fp32 when the update runs in fp32
-            parts.append((total / self.group.size()).astype(work))
+            parts.append(total if divisor else mean(total, self.group.size(), work))
             self._settle(parts[-1])  # frees the flat bucket before the next ones pile up
-        return parts
+        return parts, divisor
 
     def _settle(self, arrays):
         """Start computing a bucket's ``arrays`` now, so its inputs are freed before many
@@ -453,6 +465,13 @@ class ShardedOptimizer(optim.Optimizer):
                 per_bucket.append(new_state + c * work + c * buf.dtype.size + (bucket.stop - bucket.start) * buf.dtype.size)
             new_parameters += buf.size * buf.dtype.size if len(buf.buckets) > 1 else 0
         return new_parameters + in_flight(per_bucket, self.stage)
+
+
+def mean(total, n, work):
+    """``total / n`` in the update's dtype ``work``; divided in fp32 when the update runs in fp32."""
+    if work == mx.float32:
+        total = total.astype(mx.float32)
+    return (total / n).astype(work)
 
 
 def in_flight(per_bucket, stage):
