@@ -7,6 +7,7 @@ barrier) so load on the machine hits both alike:
     distopt launch -n 2 --backend ring benchmarks/bench_comm.py
     distopt launch -n 4 --backend mpi  benchmarks/bench_comm.py --sizes 4,64,256
     distopt launch -n 2 --backend ring benchmarks/bench_comm.py --paths ring,allsum --bucket-mib 4,16,64,0
+    distopt launch -n 2 --backend ring benchmarks/bench_comm.py --mlx-cache-gb 8   # as a Mac's allocator
 
 ``distopt`` = reduce-scatter of a float32 buffer of SIZE MiB, bucket by bucket, then
 all-gather of the parts (what a ZeRO step communicates); ``all_sum`` = one
@@ -81,15 +82,22 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cpu", action="store_true", help="keep the buffers on the CPU (MLX CUDA builds)")
+    parser.add_argument(
+        "--mlx-cache-gb", type=float, default=None,
+        help="mx.set_cache_limit in GiB (MLX's Linux CPU default keeps 32 MiB of freed buffers; on a Mac the limit is the memory limit)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.cpu:
         mx.set_default_device(mx.cpu)
+    if args.mlx_cache_gb is not None:
+        mx.set_cache_limit(int(args.mlx_cache_gb * 2**30))
     group = distopt.init()
     if group.size() < 2:
         raise SystemExit("bench_comm.py needs at least 2 ranks: distopt launch -n 2 benchmarks/bench_comm.py")
     rank0 = group.rank() == 0
     if rank0:
-        print(f"backend {backend_of(group)}, {group.size()} ranks, median of {args.reps} reps after {args.warmup} warm-up")
+        cache = f", mlx cache limit {args.mlx_cache_gb:g} GiB" if args.mlx_cache_gb is not None else ""
+        print(f"backend {backend_of(group)}, {group.size()} ranks, median of {args.reps} reps after {args.warmup} warm-up{cache}")
         print(f"{'path':>8} {'bucket':>8} {'buckets':>7} {'MiB':>5} {'distopt ms':>11} {'all_sum ms':>11} {'ratio':>6}")
     for path in args.paths.split(","):
         for bucket_mib in map(float, args.bucket_mib.split(",")):
