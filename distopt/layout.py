@@ -164,6 +164,11 @@ class FlatLayout:
         padded, buckets = cut_buckets(offset, dtype.size, self.weights, self.bucket_bytes)
         return Buffer(dtype, tuple(entries), offset, padded, buckets)
 
+    @property
+    def bucket_count(self):
+        """Buckets of all buffers together."""
+        return sum(len(b.buckets) for b in self.buffers.values())
+
     def signature(self):
         """Names, shapes and dtypes of all parameters, comparable across ranks."""
         return [[e.path, list(e.shape), name] for name, b in self.buffers.items() for e in b.entries]

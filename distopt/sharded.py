@@ -311,15 +311,16 @@ class ShardedOptimizer(optim.Optimizer):
         more buckets are built. Stage 2 waits for them: one bucket in flight. Stage 1
         schedules them (``mx.async_eval``, which keeps a GPU's queue full) and waits only
         for the bucket scheduled ``IN_FLIGHT - 1`` settles before: at most ``IN_FLIGHT``
-        buckets in flight. Inside ``mx.compile`` nothing can be evaluated, and the
-        compiled graph is left as is."""
+        buckets in flight; a model of at most ``IN_FLIGHT`` buckets never waits (all of
+        them in flight is what :meth:`memory_report` counts anyway). Inside ``mx.compile``
+        nothing can be evaluated, and the compiled graph is left as is."""
         if self.stage == 2:
             traced(arrays)  # evaluates them, except under mx.compile
             return
         if traced(arrays, wait=False):
             return
         self._in_flight.append(arrays)
-        if len(self._in_flight) >= IN_FLIGHT:
+        if len(self._in_flight) >= IN_FLIGHT and self.layout.bucket_count > IN_FLIGHT:
             mx.eval(self._in_flight.popleft())
 
     def _gather(self, parts, name):
