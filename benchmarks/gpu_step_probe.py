@@ -91,6 +91,7 @@ def main():
         if "_keep" not in a.variant:  # _keep: keep MLX's buffer cache between steps, as training does
             mx.clear_cache()
         mx.reset_peak_memory()
+        mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # both ranks start the update together
         start = time.perf_counter()
         if profile is not None and len(times) >= 2:  # steady state: not the first (compiling) steps
             profile.enable()
