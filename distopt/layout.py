@@ -150,6 +150,7 @@ class FlatLayout:
         if not leaves:
             raise ValueError("The parameter tree is empty: there is nothing to optimize.")
         self.paths = [k for k, _ in leaves]
+        self._order = {p: i for i, p in enumerate(self.paths)}
         self.buffers = {}
         for dtype in _dtypes_in_order(leaves):
             group = [(k, v) for k, v in leaves if v.dtype == dtype]
@@ -222,8 +223,7 @@ class FlatLayout:
 
     def tree(self, items):
         """The parameter tree of ``(path, array)`` pairs, in the original leaf order."""
-        order = {p: i for i, p in enumerate(self.paths)}
-        return tree_unflatten(sorted(items, key=lambda kv: order[kv[0]]))
+        return tree_unflatten(sorted(items, key=lambda kv: self._order[kv[0]]))
 
     def unflatten_buckets(self, name, buckets):
         """The parameters of buffer ``name`` from its full buckets, each as soon as it can be built.
