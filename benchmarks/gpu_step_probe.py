@@ -55,7 +55,7 @@ def main():
         cfg = {"rank": group.rank(), "batch": 256, "lm_batch": 8, "seq": 256}
         model, loss_fn, (x, y) = mlx_model(a.model, int(a.params), cfg)
         loss_and_grad = lambda m: nn.value_and_grad(m, loss_fn)(m, x, y)  # noqa: E731
-    if a.variant == "mlx_dp":
+    if a.variant.startswith("mlx_dp"):
         opt = optim.Adamax(1e-4)
     else:
         stage = 2 if a.variant == "s2" else 1
@@ -74,7 +74,7 @@ def main():
     opt.init(model.trainable_parameters())
 
     def update(grads):
-        if a.variant == "mlx_dp":
+        if a.variant.startswith("mlx_dp"):
             grads = nn.average_gradients(grads)
         opt.update(model, grads)
 
