@@ -16,19 +16,23 @@ bucket for equal parts: what one ring all-reduce moves.
 
 - :class:`NativeComm`: MLX's ``sum_scatter`` and ``all_gather`` (NCCL, JACCL; equal
   parts only).
+- :class:`TcpComm`: the same ring on plain blocking sockets of its own between the
+  ring hostfile's hosts (:class:`distopt.tcp.TcpRing`; default on the TCP ring, where
+  it was measured faster than MLX's ``send``/``recv`` and ``all_sum``).
 - :class:`RingComm`: :class:`distopt.ring.Ring`, built from MLX ``send``/``recv``
-  (default on the TCP ring and on MPI).
+  (default on MPI; ``DISTOPT_COMM=ring`` on the TCP ring).
 - :class:`MpiComm`: Open MPI's ``Reduce_scatter``/``Allgatherv`` through mpi4py, on
   zero-copy NumPy views of the MLX buffers (MPI backend, ``DISTOPT_COMM=mpi4py``).
   float16/bfloat16 are summed by a user operation that adds in float32 and rounds to
   nearest even, as MLX does.
 - :class:`AllSumComm`: ``all_sum`` then slice; 1.5x the bytes, the last resort.
 
-``DISTOPT_COMM=native|mpi4py|ring|allsum`` (or ``make_communicator(..., choice=)``)
+``DISTOPT_COMM=native|mpi4py|ring|tcp|allsum`` (or ``make_communicator(..., choice=)``)
 forces a path; a path the backend cannot run raises a ``ValueError`` before any
 collective. Inside ``mx.compile`` (where nothing can be evaluated mid-graph)
-:class:`MpiComm` and :class:`RingComm` fall back to ``all_gather`` exchanges (two
-ranks, equal parts) or :class:`AllSumComm`, and say so once in the log.
+:class:`MpiComm` and :class:`TcpComm` fall back to :class:`AllSumComm`, and
+:class:`RingComm` to an ``all_gather`` exchange (two ranks, equal parts) or
+:class:`AllSumComm`; each says so once in the log.
 """
 
 import logging
@@ -44,7 +48,7 @@ from .ring import Ring
 
 log = logging.getLogger("distopt")
 
-CHOICES = ("native", "mpi4py", "ring", "allsum")
+CHOICES = ("native", "mpi4py", "ring", "tcp", "allsum")
 _warned = set()
 
 
@@ -295,6 +299,31 @@ class RingComm(_Eager):
         return rows[peer] + flat[self.rank * c : (self.rank + 1) * c]
 
 
+class TcpComm(_Eager):
+    """The ring reduce-scatter and all-gather on plain blocking sockets of its own
+    (:class:`distopt.tcp.TcpRing`), between the hosts of the ring backend's hostfile."""
+
+    name = "tcp"
+
+    def __init__(self, group, host=None):
+        super().__init__(group)
+        from .tcp import TcpRing, ring_host
+
+        self.ring = TcpRing(group, host or ring_host())
+
+    def _moved(self, op, fn):
+        before = (self.ring.sent, self.ring.received)
+        out = fn()
+        self.traffic.add(op, self.ring.sent - before[0], self.ring.received - before[1])
+        return out
+
+    def _reduce_scatter(self, flat, bucket):
+        return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(flat, bucket.counts))
+
+    def _all_gather(self, part, bucket):
+        return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))
+
+
 class MpiComm(_Eager):
     """Open MPI's collectives through mpi4py on zero-copy views of MLX memory.
 
@@ -413,7 +442,7 @@ def make_communicator(group, equal_parts=True, choice=None):
         group (mx.distributed.Group): the ranks.
         equal_parts (bool): whether every bucket splits into equal parts (no
           ``shard_weights``); MLX's ``sum_scatter`` needs them.
-        choice (str, optional): ``"native"``, ``"mpi4py"``, ``"ring"`` or ``"allsum"``;
+        choice (str, optional): ``"native"``, ``"mpi4py"``, ``"ring"``, ``"tcp"`` or ``"allsum"``;
           default the ``DISTOPT_COMM`` environment variable, else automatic.
     """
     backend = backend_of(group)
@@ -430,6 +459,10 @@ def make_communicator(group, equal_parts=True, choice=None):
         if backend != "mpi":
             raise ValueError(f"DISTOPT_COMM=mpi4py needs the mpi backend; this group runs on {backend!r}.")
         return MpiComm(group)
+    if choice == "tcp":
+        if backend != "ring":
+            raise ValueError(f"DISTOPT_COMM=tcp needs the ring backend (its hostfile's addresses); this group runs on {backend!r}.")
+        return TcpComm(group)
     if choice == "ring":
         if backend not in ("ring", "mpi"):
             raise ValueError(f"The send/recv ring needs the ring or mpi backend (MLX send/recv); this group runs on {backend!r}.")
@@ -443,6 +476,8 @@ def make_communicator(group, equal_parts=True, choice=None):
 def _automatic(backend, equal_parts):
     if backend in ("nccl", "jaccl"):
         return "native" if equal_parts else "allsum"
-    if backend in ("mpi", "ring"):
+    if backend == "ring":
+        return "tcp"  # measured faster than MLX send/recv and all_sum on the ring (README, Communication)
+    if backend == "mpi":
         return "ring"  # on MPI, measured faster than Open MPI's Reduce_scatter (README, Communication)
     return "allsum"

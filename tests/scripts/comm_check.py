@@ -191,13 +191,13 @@ def comm_bytes(path, opt, n):
         check(report[key] == {"reduce_scatter": rs, "all_gather": ag}, key, report, rs, ag)
 
 
-def refusals(group):
+def refusals(group, backend):
     """A path the backend lacks, or a buffer of the wrong length, is refused before any collective."""
     expected = {
         "native": "sum_scatter exists only on the nccl and jaccl backends",
-        "mpi4py": "needs the mpi backend",
         "bogus": "Unknown communication path 'bogus'",
     }
+    expected.update({"mpi4py": "needs the mpi backend"} if backend == "ring" else {"tcp": "DISTOPT_COMM=tcp needs the ring backend"})
     for choice, message in expected.items():
         try:
             make_communicator(group, choice=choice)
@@ -205,7 +205,7 @@ def refusals(group):
             check(message in str(e), "wrong message", choice, e)
         else:
             check(False, "accepted", choice)
-    for path in ("ring", "allsum"):
+    for path in ("ring", "tcp", "allsum") if backend == "ring" else ("ring", "allsum"):
         comm = make_communicator(group, choice=path)
         bucket = Bucket(0, 2 * group.size(), (2,) * group.size())
         for call, x in ((comm.reduce_scatter, mx.zeros((3,))), (comm.all_gather, mx.zeros((3,)))):
@@ -220,8 +220,8 @@ def refusals(group):
 
 def main():
     group = distopt.init()
-    if group.size() > 1 and os.environ.get("DISTOPT_BACKEND") == "ring":
-        refusals(group)
+    if group.size() > 1:
+        refusals(group, os.environ.get("DISTOPT_BACKEND"))
     for path in sys.argv[1].split(","):
         os.environ["DISTOPT_COMM"] = path
         start = time.perf_counter()
