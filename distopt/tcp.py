@@ -49,9 +49,17 @@ class TcpRing:
             addresses = all_gather_object([host, listener.getsockname()[1]], group)
             right_host, right_port = addresses[(self.rank + 1) % self.size]
             self.right = socket.create_connection((right_host, right_port))
+            self.right.sendall(self.rank.to_bytes(4, "little"))  # who is calling
             self.left, _ = listener.accept()
         finally:
             listener.close()
+        caller = bytearray(4)
+        _recv_into(self.left, memoryview(caller), "?")
+        if int.from_bytes(caller, "little") != (self.rank - 1) % self.size:
+            raise ConnectionError(
+                f"distopt tcp: rank {self.rank} expected rank {(self.rank - 1) % self.size} to connect to "
+                f"{host}:{addresses[self.rank][1]}, got a connection that says it is {int.from_bytes(caller, 'little')}"
+            )
         for s in (self.right, self.left):
             s.settimeout(None)  # blocking: the watchdog sees a wait inside one system call
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
