@@ -346,14 +346,14 @@ class MpiComm(_Eager):
 
     def _reduce_scatter(self, flat, bucket):
         self._count_ring("reduce_scatter", bucket, flat.dtype.size)
-        send, op = _mpi_view(flat), _sum_op(flat.dtype)
+        send, op = numpy_view(flat), _sum_op(flat.dtype)
         out = _empty(bucket.counts[self.rank], send.dtype)
         self.comm.Reduce_scatter(send, np.asarray(out), list(bucket.counts), op=op)
         return out.view(flat.dtype) if out.dtype != flat.dtype else out
 
     def _all_gather(self, part, bucket):
         self._count_ring("all_gather", bucket, part.dtype.size)
-        send = _mpi_view(part)
+        send = numpy_view(part)
         out = _empty(bucket.stop - bucket.start, send.dtype)
         displs = [sum(bucket.counts[:r]) for r in range(self.size)]
         self.comm.Allgatherv(send, [np.asarray(out), list(bucket.counts), displs, None])
@@ -363,7 +363,7 @@ class MpiComm(_Eager):
 HALF = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def _mpi_view(x):
+def numpy_view(x):
     """A NumPy view (no copy) of evaluated ``x``; half-precision as an MLX uint16 view."""
     if x.dtype in HALF.values():
         x = x.view(mx.uint16)

@@ -29,9 +29,10 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from .comm import HALF, _mpi_view, half_sum_op
+from .comm import HALF, half_sum_op, numpy_view
 from .group import all_gather_object
 from .layout import dtype_name
+
 
 class TcpRing:
     """Ring reduce-scatter and all-gather over ``group`` on sockets of its own.
@@ -54,7 +55,7 @@ class TcpRing:
         finally:
             listener.close()
         caller = bytearray(4)
-        _recv_into(self.left, memoryview(caller), "?")
+        _recv_into(self.left, memoryview(caller), f"{(self.rank - 1) % self.size} (handshake)")
         if int.from_bytes(caller, "little") != (self.rank - 1) % self.size:
             raise ConnectionError(
                 f"distopt tcp: rank {self.rank} expected rank {(self.rank - 1) % self.size} to connect to "
@@ -64,10 +65,6 @@ class TcpRing:
             s.settimeout(None)  # blocking: the watchdog sees a wait inside one system call
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peers = {"right": (self.rank + 1) % self.size, "left": (self.rank - 1) % self.size}
-
-    def close(self):
-        for s in (self.right, self.left):
-            s.close()
 
     def _step(self, outgoing, incoming):
         """Send the bytes of ``outgoing`` right while receiving ``incoming`` from the left."""
@@ -93,7 +90,7 @@ class TcpRing:
     def reduce_scatter(self, flat, counts):
         """This rank's part of the elementwise sum of ``flat`` (part k holds ``counts[k]``)."""
         starts = np.cumsum([0, *counts])
-        values = _mpi_view(flat)
+        values = numpy_view(flat)
         part = lambda k: values[starts[k % self.size] : starts[k % self.size + 1]]  # noqa: E731
         acc = part(self.rank - 1)
         for s in range(self.size - 1):
@@ -111,7 +108,7 @@ class TcpRing:
         out = _empty(int(starts[-1]), part.dtype)
         full = np.asarray(out)
         slot = lambda k: full[starts[k % self.size] : starts[k % self.size + 1]]  # noqa: E731
-        slot(self.rank)[...] = _mpi_view(part)
+        slot(self.rank)[...] = numpy_view(part)
         for s in range(self.size - 1):
             k = self.rank - s - 1
             self._step(_bytes(slot(k + 1)), _bytes(slot(k)))
