@@ -218,10 +218,10 @@ class ShardedOptimizer(optim.Optimizer):
         watchdog.step_started()
         self.comm.traffic.start_step()
         self._in_flight.clear()  # nothing left over from a step that raised
-        # 1. This rank's part of the summed (or mean) gradient, for every bucket of every dtype buffer.
+        # 1. This rank's part of the summed (or already averaged) gradient, for every bucket of every dtype buffer.
         grads, divisors = {}, {}
         for name in self.layout.buffers:
-            grads[name], divisors[name] = self._mean_parts(gradients, name)
+            grads[name], divisors[name] = self._reduced_parts(gradients, name)
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
         grads, coefficient, ok = self.precision.prepare(grads, self._state, self.group)
         self._advance_step(ok)
@@ -287,11 +287,12 @@ class ShardedOptimizer(optim.Optimizer):
         finally:
             self.inner._state = saved
 
-    def _mean_parts(self, gradients, name):
-        """This rank's part of every bucket of the gradient averaged over ranks, in the update's
-        dtype, and the divisor the update still has to apply: the sum over ranks is left
-        for the compiled update to divide (one pass over the part fewer) unless the
-        precision checks need the mean first or the division changes the dtype."""
+    def _reduced_parts(self, gradients, name):
+        """This rank's part of every bucket of the gradient reduced over ranks, and the divisor
+        the update still has to apply. The sum over ranks is left for the compiled update
+        to divide (one pass over the part fewer; divisor N) unless the precision checks
+        need the mean first or the division changes the dtype: then the parts are already
+        the mean, in the update's dtype (divisor None)."""
         buf, parts = self.layout.buffers[name], []
         work, reduce_dtype = self.precision.work_dtype(buf.dtype), self.precision.reduce_dtype
         divisor = self.group.size()
