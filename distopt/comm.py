@@ -246,7 +246,18 @@ class _Eager(Communicator):
         return self._all_gather(part, bucket)
 
 
-class RingComm(_Eager):
+class _RingPath(_Eager):
+    """A path whose ``self.ring`` (send/recv or sockets) counts the bytes it moves."""
+
+    def _moved(self, op, fn):
+        """``fn()``, adding the bytes ``self.ring`` counted during it to ``op``'s traffic."""
+        before = (self.ring.sent, self.ring.received)
+        out = fn()
+        self.traffic.add(op, self.ring.sent - before[0], self.ring.received - before[1])
+        return out
+
+
+class RingComm(_RingPath):
     """Reduce-scatter from MLX ``send``/``recv`` around the ring (:class:`distopt.ring.Ring`).
 
     On the TCP ring backend each step's sends and receives run concurrently, each on
@@ -264,12 +275,6 @@ class RingComm(_Eager):
     def __init__(self, group, duplex):
         super().__init__(group)
         self.ring = Ring(group, duplex)
-
-    def _moved(self, op, fn):
-        before = (self.ring.sent, self.ring.received)
-        out = fn()
-        self.traffic.add(op, self.ring.sent - before[0], self.ring.received - before[1])
-        return out
 
     def reduce_scatter(self, flat, bucket):
         """This rank's part of the sum of ``flat`` over ranks."""
@@ -299,7 +304,7 @@ class RingComm(_Eager):
         return rows[peer] + flat[self.rank * c : (self.rank + 1) * c]
 
 
-class TcpComm(_Eager):
+class TcpComm(_RingPath):
     """The ring reduce-scatter and all-gather on plain blocking sockets of its own
     (:class:`distopt.tcp.TcpRing`), between the hosts of the ring backend's hostfile."""
 
@@ -310,12 +315,6 @@ class TcpComm(_Eager):
         from .tcp import TcpRing, ring_host
 
         self.ring = TcpRing(group, host or ring_host())
-
-    def _moved(self, op, fn):
-        before = (self.ring.sent, self.ring.received)
-        out = fn()
-        self.traffic.add(op, self.ring.sent - before[0], self.ring.received - before[1])
-        return out
 
     def _reduce_scatter(self, flat, bucket):
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(flat, bucket.counts))

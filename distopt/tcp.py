@@ -153,11 +153,6 @@ def _recv_into(sock, buffer, peer):
 
 def ring_host():
     """This rank's address in the ring hostfile (``MLX_HOSTFILE``, ``MLX_RANK``)."""
-    import json
-    from pathlib import Path
+    from .hostfile import load_hostfile
 
-    from .hostfile import split_address
-
-    entries = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
-    entry = entries[int(os.environ["MLX_RANK"])]
-    return split_address(entry[0] if isinstance(entry, list) else entry)[0]
+    return load_hostfile(os.environ["MLX_HOSTFILE"]).hosts[int(os.environ["MLX_RANK"])].ips[0]
