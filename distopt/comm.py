@@ -43,7 +43,7 @@ import mlx.core as mx
 import numpy as np
 
 from .group import backend_of
-from .layout import dtype_name
+from .layout import dtype_name, join
 from .ring import Ring
 
 log = logging.getLogger("distopt")
@@ -145,6 +145,12 @@ class Communicator:
         if not key[0] and not self.lazy:
             mx.eval(out)
         return out
+
+    def reduce_scatter_pieces(self, pieces, bucket):
+        """:meth:`reduce_scatter` of the flat buffer that the consecutive 1-D arrays
+        ``pieces`` make up (a bucket's slices of the gradient leaves). Paths that can read
+        the pieces where they lie (``tcp``) skip joining them into one copy."""
+        return self.reduce_scatter(join(pieces), bucket)
 
     def _check(self, x, n, what):
         """Refuse a buffer of the wrong length before any rank waits on it (it would hang)."""
@@ -317,7 +323,14 @@ class TcpComm(_RingPath):
         self.ring = TcpRing(group, host or ring_host())
 
     def _reduce_scatter(self, flat, bucket):
-        return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(flat, bucket.counts))
+        return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter([flat], bucket.counts))
+
+    def reduce_scatter_pieces(self, pieces, bucket):
+        """The reduce-scatter read straight from the leaves' memory: no joined copy of the bucket."""
+        n = sum(p.size for p in pieces)
+        if len(pieces) == 1 or n != bucket.stop - bucket.start or traced(pieces):
+            return self.reduce_scatter(join(pieces), bucket)  # the checks, or the compiled fallback
+        return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(pieces, bucket.counts))
 
     def _all_gather(self, part, bucket):
         return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))

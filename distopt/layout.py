@@ -195,6 +195,11 @@ class FlatLayout:
 
         ``tree`` may be :class:`Leaves` (flattened once for the many buckets of a step).
         """
+        return join(self.flat_pieces(tree, name, lo, hi))
+
+    def flat_pieces(self, tree, name, lo, hi):
+        """The consecutive 1-D arrays (slices of the overlapping leaves, and zeros for any
+        padding) that ``flatten(tree)[name][lo:hi]`` is made of, not yet joined."""
         buf = self.buffers[name]
         leaves = Leaves.of(tree)
         pieces, pos = [], lo
@@ -206,7 +211,7 @@ class FlatLayout:
             pos, i = end, i + 1
         if hi > max(lo, buf.size):
             pieces.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
-        return join(pieces)
+        return pieces
 
     def shard_parts(self, tree, name, rank):
         """Rank's part of every bucket of ``tree``'s flat ``name`` buffer (its shard, per bucket)."""

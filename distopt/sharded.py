@@ -299,10 +299,10 @@ class ShardedOptimizer(optim.Optimizer):
         if self.precision.checks or (reduce_dtype or buf.dtype) != work:
             divisor = None
         for bucket in buf.buckets:
-            flat = self.layout.flat_range(gradients, name, bucket.start, bucket.stop)
+            pieces = self.layout.flat_pieces(gradients, name, bucket.start, bucket.stop)
             if reduce_dtype is not None:
-                flat = flat.astype(reduce_dtype)
-            total = self.comm.reduce_scatter(flat, bucket)
+                pieces = [join(pieces).astype(reduce_dtype)]
+            total = self.comm.reduce_scatter_pieces(pieces, bucket)
             parts.append(total if divisor else mean(total, self.group.size(), work))
             self._settle(parts[-1])  # frees the flat bucket before the next ones pile up
         return parts, divisor
@@ -495,6 +495,10 @@ class SingleRankComm:
     def reduce_scatter(self, flat, bucket):
         """``flat`` itself: the sum over one rank."""
         return flat
+
+    def reduce_scatter_pieces(self, pieces, bucket):
+        """The pieces joined: the sum over one rank."""
+        return join(pieces)
 
     def all_gather(self, part, bucket):
         """``part`` itself: the whole buffer."""

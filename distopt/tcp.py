@@ -67,12 +67,13 @@ class TcpRing:
         self.peers = {"right": (self.rank + 1) % self.size, "left": (self.rank - 1) % self.size}
 
     def _step(self, outgoing, incoming):
-        """Send the bytes of ``outgoing`` right while receiving ``incoming`` from the left."""
+        """Send the byte views ``outgoing`` (in order) right while receiving ``incoming`` from the left."""
         error = []
 
         def send():
             try:
-                self.right.sendall(outgoing)
+                for view in outgoing:
+                    self.right.sendall(view)
             except OSError as e:
                 error.append(e)
 
@@ -84,23 +85,27 @@ class TcpRing:
             sender.join()
         if error:
             raise ConnectionError(f"distopt tcp: sending to rank {self.peers['right']} failed: {error[0]}")
-        self.sent += len(outgoing)
+        self.sent += sum(len(view) for view in outgoing)
         self.received += len(incoming)
 
-    def reduce_scatter(self, flat, counts):
-        """This rank's part of the elementwise sum of ``flat`` (part k holds ``counts[k]``)."""
-        starts = np.cumsum([0, *counts])
-        values = numpy_view(flat)
-        part = lambda k: values[starts[k % self.size] : starts[k % self.size + 1]]  # noqa: E731
-        acc, out = part(self.rank - 1), flat  # one rank: the buffer is its own sum
+    def reduce_scatter(self, pieces, counts):
+        """This rank's part of the elementwise sum of the flat buffer made of ``pieces``
+        (consecutive 1-D arrays, e.g. slices of the gradient leaves, read where they lie:
+        never joined); part k holds ``counts[k]`` elements."""
+        starts, dtype = np.cumsum([0, *counts]), pieces[0].dtype
+        if self.size == 1:
+            return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+        flat = _Pieces([numpy_view(p) for p in pieces])
+        part = lambda k: flat.range(starts[k % self.size], starts[k % self.size + 1])  # noqa: E731
+        acc = part(self.rank - 1)
         for s in range(self.size - 1):
             k = self.rank - s - 2
-            out = _empty(counts[k % self.size], flat.dtype)
+            out = _empty(counts[k % self.size], dtype)
             got = np.asarray(out)
-            self._step(_bytes(acc), _bytes(got))
-            _add_into(got, part(k), flat.dtype)
-            acc = got
-        return _as(out, flat.dtype)
+            self._step([_bytes(a) for a in acc], _bytes(got))
+            _add_into(got, part(k), dtype)
+            acc = [got]
+        return _as(out, dtype)
 
     def all_gather(self, part, counts):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements)."""
@@ -111,7 +116,7 @@ class TcpRing:
         slot(self.rank)[...] = numpy_view(part)
         for s in range(self.size - 1):
             k = self.rank - s - 1
-            self._step(_bytes(slot(k + 1)), _bytes(slot(k)))
+            self._step([_bytes(slot(k + 1))], _bytes(slot(k)))
         return _as(out, part.dtype)
 
 
@@ -130,12 +135,35 @@ def _as(out, dtype):
     return out.view(dtype) if out.dtype != dtype else out
 
 
+class _Pieces:
+    """A flat buffer held as consecutive 1-D NumPy arrays, sliced without joining them."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.starts = np.cumsum([0, *(a.size for a in arrays)])
+
+    def range(self, lo, hi):
+        """The views of ``arrays`` that hold elements ``lo`` to ``hi`` of the buffer, in order."""
+        views, i = [], max(int(np.searchsorted(self.starts, lo, side="right")) - 1, 0)
+        while lo < hi:
+            a, start = self.arrays[i], self.starts[i]
+            end = min(hi, start + a.size)
+            views.append(a[lo - start : end - start])
+            lo, i = end, i + 1
+        return views
+
+
 def _add_into(acc, own, dtype):
-    """``acc += own`` in place, rounded as MLX adds (half precision through float32)."""
-    if dtype in HALF.values():
-        half_sum_op(dtype_name(dtype))(memoryview(own), memoryview(acc), None)
-    else:
-        np.add(acc, own, out=acc)
+    """``acc += own`` in place for the consecutive arrays ``own``, rounded as MLX adds
+    (half precision through float32)."""
+    pos = 0
+    for piece in own:
+        target = acc[pos : pos + piece.size]
+        if dtype in HALF.values():
+            half_sum_op(dtype_name(dtype))(memoryview(piece), memoryview(target), None)
+        else:
+            np.add(target, piece, out=target)
+        pos += piece.size
 
 
 def _recv_into(sock, buffer, peer):

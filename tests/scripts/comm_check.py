@@ -85,6 +85,10 @@ def collectives(path, group):
                     check(full.dtype == dtype and mx.array_equal(full, expected).item(), "all_gather", *where)
                     counted = (comm.traffic.total_sent(), comm.traffic.total_received())
                     check(counted == expected_traffic(bucket, rank, dtype.size, path), "traffic", counted, *where)
+                    seg, cut = xs[rank][bucket.start : bucket.stop], (bucket.stop - bucket.start) // 3
+                    pieces = [seg[:1], seg[1 : 1 + cut], seg[1 + cut :]]  # as the step passes a bucket's leaf slices
+                    part = comm.reduce_scatter_pieces([p for p in pieces if p.size], bucket)
+                    check(mx.array_equal(part.astype(mx.float32), total[lo:hi]).item(), "reduce_scatter_pieces", *where)
     empty_parts(path, group, comm)
     print(f"OK {path} collectives ({time.perf_counter() - start:.1f} s)", flush=True)
     if n == 2:
