@@ -7,7 +7,7 @@ import sys
 
 from helpers import launcher_env
 
-COLUMNS = ("step_ms", "step_spread_ms", "fb_ms", "opt_ms", "sent_bytes", "state_bytes", "peak_rss", "peak_mlx")
+COLUMNS = ("step_ms", "step_spread_ms", "fb_ms", "wait_ms", "opt_ms", "sent_bytes", "state_bytes", "peak_rss", "peak_mlx")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -21,7 +21,7 @@ def test_bench_two_ranks_table_and_json(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for header in ("step ms", "spread", "fb ms", "opt ms", "sent MiB", "state MiB", "peak RSS MiB", "step/mlx_dp", "GB/s"):
+    for header in ("step ms", "spread", "fb ms", "wait ms", "opt ms", "sent MiB", "state MiB", "peak RSS MiB", "step/mlx_dp", "GB/s"):
         assert header in proc.stdout, header
 
     assert "mlx cache limit 0.5 GiB" in proc.stdout  # --mlx-cache-gb is recorded in the header and JSON

@@ -1,9 +1,12 @@
 """What every rank runs: timed training steps of one method, and the figures of this rank.
 
-A step is timed as ``fb`` (this rank's forward and backward, evaluated) plus ``opt``
-(gradient reduction + optimizer update + parameter gather, evaluated). PyTorch's DDP
-overlaps its all-reduce with the backward pass, so its ``opt`` is the median full step
-minus the median local step under ``no_sync``.
+An MLX step is timed as ``fb`` (this rank's forward and backward, evaluated), ``wait``
+(a 1-element ``all_sum`` barrier: until every rank has its gradients) and ``opt``
+(gradient reduction + optimizer update + parameter gather, evaluated), so ``opt``
+holds no wait for a slower rank's forward and backward (MLX's CPU forward+backward
+varies by tens of ms between ranks and steps). PyTorch's DDP overlaps its all-reduce
+with the backward pass, so its ``opt`` is the median full step minus the median local
+step under ``no_sync`` (any wait for a slower rank included) and it has no ``wait``.
 """
 
 import gc
@@ -38,7 +41,7 @@ def run_mlx_method(method, kind, params, cfg, group):
     opt = mlx_optimizer(method, group)
     grad_fn = nn.value_and_grad(model, loss_fn)
     barrier = _mlx_barrier(group)
-    fb, upd, sent0 = [], [], None
+    fb, wait, upd, sent0 = [], [], [], None
     for i in range(cfg["warmup"] + cfg["repeats"]):
         if i == cfg["warmup"]:
             _reset_peaks()
@@ -48,14 +51,17 @@ def run_mlx_method(method, kind, params, cfg, group):
         loss, grads = grad_fn(model, x, y)
         mx.eval(loss, grads)
         t1 = time.perf_counter()
+        barrier()  # every rank has its gradients: opt starts together everywhere
+        t2 = time.perf_counter()
         if method == "mlx_dp":
             grads = nn.average_gradients(grads, group=group)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         if i >= cfg["warmup"]:
             fb.append(t1 - t0)
-            upd.append(t2 - t1)
+            wait.append(t2 - t1)
+            upd.append(t3 - t2)
     n = group.size()
     nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
     grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -67,7 +73,7 @@ def run_mlx_method(method, kind, params, cfg, group):
         sent = 2 * (n - 1) / n * grad_bytes
         state = sum(v.nbytes for _, v in tree_flatten(opt.state))
         sent_how = "formula"
-    return _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, _peaks())
+    return _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, _peaks(), wait)
 
 
 def _mlx_barrier(group):
@@ -127,8 +133,8 @@ def _peaks():
     return {"peak_rss": rss, "peak_mlx": mlx_peak, "peak_cuda": cuda_peak}
 
 
-def _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, peaks):
-    steps = [a + b for a, b in zip(fb, upd)]
+def _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, peaks, wait=None):
+    steps = [a + b + c for a, b, c in zip(fb, upd, wait or [0.0] * len(fb))]
     return {
         "method": method,
         "model": kind,
@@ -138,6 +144,7 @@ def _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, p
         "step_ms": 1e3 * statistics.median(steps),
         "step_spread_ms": 1e3 * (max(steps) - min(steps)),
         "fb_ms": 1e3 * statistics.median(fb),
+        "wait_ms": 1e3 * statistics.median(wait) if wait else None,
         "opt_ms": 1e3 * statistics.median(upd),
         "opt_spread_ms": 1e3 * (max(upd) - min(upd)),
         "sent_bytes": sent,

@@ -77,6 +77,11 @@ def _size_name(n):
     return str(n)
 
 
+def _ms(value):
+    """Milliseconds with one decimal, or '-' where a method has no such figure."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def format_table(result):
     """The result as plain-text tables (what ``distopt bench`` prints)."""
     meta, lines = result["meta"], []
@@ -84,14 +89,15 @@ def format_table(result):
     lines.append(f"distopt bench  {meta['date']}  {meta['machine']}  commit {meta['commit']}  mlx {meta['mlx']}"
                  + (f"  torch {meta['torch']}" if "torch" in meta else "") + f"  backend {meta['backend']}  load {meta['load_average']}"
                  + (f"  mlx cache limit {meta['mlx_cache_limit_gb']} GiB" if meta.get("mlx_cache_limit_gb") is not None else ""))  # fmt: skip
-    head = f"{'model':<11} {'size':>5} {'N':>2} {'method':<11} {'step ms':>9} {'spread':>7} {'fb ms':>8} {'opt ms':>8} {'sent MiB':>9} {'state MiB':>9} {peak:>12}"
+    head = f"{'model':<11} {'size':>5} {'N':>2} {'method':<11} {'step ms':>9} {'spread':>7} {'fb ms':>8} {'wait ms':>8} {'opt ms':>8} {'sent MiB':>9} {'state MiB':>9} {peak:>12}"
     lines += [head, "-" * len(head)]
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["size"], r["ranks"], METHODS.index(r["method"]))):
         pk = r["peak_cuda"] if r["method"] == "torch_zero" and meta["device"] == "gpu" else (r["peak_mlx"] if meta["device"] == "gpu" else r["peak_rss"])
         sent = _mib(r["sent_bytes"]) + ("*" if r["sent_how"] == "formula" else "")
         lines.append(f"{r['model']:<11} {_size_name(r['params']):>5} {r['ranks']:>2} {r['method']:<11} {r['step_ms']:>9.1f} "
-                     f"{r['step_spread_ms']:>7.1f} {r['fb_ms']:>8.1f} {r['opt_ms']:>8.1f} {sent:>9} {_mib(r['state_bytes']):>9} {_mib(pk):>12}")  # fmt: skip
-    lines.append("step = fb (own forward+backward) + opt (reduction + update + gather); spread = max - min over repeats;")
+                     f"{r['step_spread_ms']:>7.1f} {r['fb_ms']:>8.1f} {_ms(r.get('wait_ms')):>8} {r['opt_ms']:>8.1f} {sent:>9} {_mib(r['state_bytes']):>9} {_mib(pk):>12}")  # fmt: skip
+    lines.append("step = fb (own forward+backward) + wait (barrier: every rank has its gradients) + opt (reduction + update + gather);")
+    lines.append("torch: opt = median full step - median no_sync step (DDP overlaps its all-reduce with backward); spread = max - min over repeats;")
     lines.append("sent per rank per step: counted by distopt, * = algorithm formula (ring all-reduce 2(N-1)/N; torch adds (N-1)/N broadcast)")
     for e in result.get("errors", []):
         lines.append(f"FAILED: {e}")
@@ -118,12 +124,12 @@ def format_table(result):
 def format_markdown(result):
     """The main table and the ratios as Markdown (for docs and READMEs)."""
     gpu = result["meta"]["device"] == "gpu"
-    out = ["| model | N | method | step ms | spread | fb ms | opt ms | sent MiB | state MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | N | method | step ms | spread | fb ms | wait ms | opt ms | sent MiB | state MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["model"], r["size"], r["ranks"], METHODS.index(r["method"]))):
         pk = (r["peak_cuda"] if r["method"] == "torch_zero" else r["peak_mlx"]) if gpu else r["peak_rss"]
         sent = _mib(r["sent_bytes"]) + ("*" if r["sent_how"] == "formula" else "")
         out.append(f"| {r['model']} {_size_name(r['size'])} | {r['ranks']} | {r['method']} | {r['step_ms']:.1f} | {r['step_spread_ms']:.1f} "
-                   f"| {r['fb_ms']:.1f} | {r['opt_ms']:.1f} | {sent} | {_mib(r['state_bytes'])} | {_mib(pk)} |")  # fmt: skip
+                   f"| {r['fb_ms']:.1f} | {_ms(r.get('wait_ms'))} | {r['opt_ms']:.1f} | {sent} | {_mib(r['state_bytes'])} | {_mib(pk)} |")  # fmt: skip
     out += ["", "| model | N | method | step / mlx_dp | state / mlx_dp | opt / mlx_dp | opt / torch_zero | step / torch_zero | fb share |", "|---|---|---|---|---|---|---|---|---|"]
     keys = ("step_vs_mlx_dp", "state_vs_mlx_dp", "opt_vs_mlx_dp", "opt_vs_torch_zero", "step_vs_torch_zero", "mlx_compute_share")
     for q in sorted(result["ratios"], key=lambda q: (q["model"], q["size"], q["ranks"], q["method"])):
@@ -149,11 +155,13 @@ def plot(result, path):
                       key=lambda r: (r["ranks"], METHODS.index(r["method"])))  # fmt: skip
         labels = [f"{r['method']}\nN={r['ranks']}" for r in rows]
         fb = [r["fb_ms"] for r in rows]
+        below = [r["fb_ms"] + (r.get("wait_ms") or 0) for r in rows]
         ax.bar(labels, fb, color=[colors[r["method"]] for r in rows], alpha=0.4)
-        ax.bar(labels, [max(r["opt_ms"], 0) for r in rows], bottom=fb, color=[colors[r["method"]] for r in rows])
+        ax.bar(labels, [b - f for b, f in zip(below, fb)], bottom=fb, color="#dddddd")
+        ax.bar(labels, [max(r["opt_ms"], 0) for r in rows], bottom=below, color=[colors[r["method"]] for r in rows])
         ax.set_title(f"{model} {_size_name(size)}", fontsize=9)
         ax.tick_params(axis="x", labelsize=6, rotation=90)
-    axes[0][0].set_ylabel("step ms (light: fwd+bwd, dark: optimizer)")
+    axes[0][0].set_ylabel("step ms (light: fwd+bwd, grey: wait, dark: optimizer)")
     meta = result["meta"]
     fig.suptitle(f"distopt bench {meta['date']}, {meta['device']} ({meta['backend']}), commit {meta['commit']}", fontsize=9)
     fig.tight_layout()
