@@ -4,6 +4,7 @@
 #   env.txt          date, GPUs, PyTorch
 #   nccl.log         benchmarks/gpu_nccl.py on 2 GPUs: parity + 256 MiB reduce-scatter/all-gather vs all_sum
 #   nccl_rank*.json  the same, per rank
+#   grad_layout.txt  benchmarks/grad_layout_probe.py: flattening a Linear weight gradient vs a plain copy
 #   bench_gpu.*      distopt bench --device gpu --backend nccl (table, JSON, chart)
 set -uo pipefail
 OUT=${OUT:-/tmp/distopt-gpu}
@@ -20,6 +21,8 @@ done
 wait
 cat "$OUT/nccl_rank0.log" "$OUT/nccl_rank1.log" > "$OUT/nccl.log"; rm -f "$OUT"/nccl_rank?.log
 tail -c 3000 "$OUT/nccl.log"
+
+CUDA_VISIBLE_DEVICES=0 python3 benchmarks/grad_layout_probe.py --dims 8192 2>&1 | tee "$OUT/grad_layout.txt"
 
 [ -n "${NCCL_ONLY:-}" ] && exit 0
 timeout ${BENCH_TIMEOUT:-400} python3 -m distopt.bench --device gpu --backend nccl --ranks 2 --sizes "$SIZES" \
