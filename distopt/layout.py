@@ -207,7 +207,7 @@ class FlatLayout:
         while pos < min(hi, buf.size):
             e = buf.entries[i]
             end = min(hi, e.offset + e.size)
-            pieces.append(leaves[e.path].reshape(-1)[pos - e.offset : end - e.offset])
+            pieces.append(_flat_slice(leaves[e.path], pos - e.offset, end - e.offset))
             pos, i = end, i + 1
         if hi > max(lo, buf.size):
             pieces.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
@@ -262,6 +262,23 @@ def _cut(entry, held, dtype, copy):
         return mx.zeros(entry.shape, dtype)
     flat = mx.concatenate(pieces) if len(pieces) > 1 else mx.array(pieces[0]) if copy else pieces[0]
     return flat.reshape(entry.shape)
+
+
+def _flat_slice(leaf, lo, hi):
+    """``leaf.reshape(-1)[lo:hi]`` as a row-contiguous array, flattening only the rows of
+    ``leaf`` that hold it.
+
+    Flattening a non-contiguous leaf copies it (``nn.Linear``'s weight gradient is a
+    transposed array), so flattening it whole for each bucket that holds part of it
+    would copy all of it once per bucket. Rows of a contiguous leaf flatten to a view,
+    as the whole leaf does; ``mx.contiguous`` copies only what is not (MLX may give a
+    strided view, e.g. for one row of a transposed array, which a socket cannot send).
+    """
+    if leaf.ndim >= 2 and hi - lo < leaf.size:
+        row = leaf.size // leaf.shape[0]
+        r0, r1 = lo // row, -(-hi // row)
+        leaf, lo, hi = leaf[r0:r1], lo - r0 * row, hi - r0 * row
+    return mx.contiguous(leaf).reshape(-1)[lo:hi]
 
 
 def _dtypes_in_order(leaves):

@@ -164,6 +164,21 @@ def test_layout_shards_cover_the_buffer_once(n, bucket_bytes):
         assert ka == kb and va.dtype == vb.dtype and mx.array_equal(va, vb).item()
 
 
+@pytest.mark.parametrize("bucket_bytes", [4, 12, 36, 1 << 20])
+def test_flat_range_of_transposed_and_3d_leaves(bucket_bytes):
+    """Leaves that flatten to a copy (a transposed gradient, as nn.Linear's) or span
+    buckets give the same flat values as flattening them whole."""
+    tree = {"t": mx.arange(35, dtype=mx.float32).reshape(5, 7).T, "c": mx.arange(60, dtype=mx.float32).reshape(3, 4, 5) + 100}
+    layout = FlatLayout(tree, 3, bucket_bytes=bucket_bytes)
+    buf = layout.buffers["float32"]
+    expected = mx.concatenate([tree["t"].reshape(-1), tree["c"].reshape(-1), mx.zeros((buf.padded_size - buf.size,))])
+    for lo in range(buf.padded_size + 1):
+        for hi in range(lo + 1, buf.padded_size + 1, 7):
+            assert mx.array_equal(layout.flat_range(tree, "float32", lo, hi), expected[lo:hi]).item(), (lo, hi)
+    parts = [mx.concatenate(layout.shard_parts(tree, "float32", r)) for r in range(3)]
+    assert mx.array_equal(mx.sort(mx.concatenate(parts)), mx.sort(expected)).item()
+
+
 def test_layout_buffer_smaller_than_world():
     layout = FlatLayout({"w": mx.array([1.0, 2.0])}, 4)
     assert [mx.concatenate(layout.shard_parts({"w": mx.array([1.0, 2.0])}, "float32", r)).tolist() for r in range(4)] == [[1.0], [2.0], [0.0], [0.0]]
