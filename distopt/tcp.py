@@ -31,7 +31,7 @@ import numpy as np
 
 from .comm import HALF, half_sum_op, numpy_view
 from .group import all_gather_object
-from .layout import dtype_name
+from .layout import dtype_name, join
 
 
 class TcpRing:
@@ -94,7 +94,7 @@ class TcpRing:
         never joined); part k holds ``counts[k]`` elements."""
         starts, dtype = np.cumsum([0, *counts]), pieces[0].dtype
         if self.size == 1:
-            return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+            return join(pieces)  # the sum over one rank
         flat = _Pieces([numpy_view(p) for p in pieces])
         part = lambda k: flat.range(starts[k % self.size], starts[k % self.size + 1])  # noqa: E731
         acc = part(self.rank - 1)
