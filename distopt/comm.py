@@ -359,17 +359,17 @@ class MpiComm(_Eager):
     def _reduce_scatter(self, flat, bucket):
         self._count_ring("reduce_scatter", bucket, flat.dtype.size)
         send, op = numpy_view(flat), _sum_op(flat.dtype)
-        out = _empty(bucket.counts[self.rank], send.dtype)
+        out = receive_buffer(bucket.counts[self.rank], flat.dtype)
         self.comm.Reduce_scatter(send, np.asarray(out), list(bucket.counts), op=op)
-        return out.view(flat.dtype) if out.dtype != flat.dtype else out
+        return as_dtype(out, flat.dtype)
 
     def _all_gather(self, part, bucket):
         self._count_ring("all_gather", bucket, part.dtype.size)
         send = numpy_view(part)
-        out = _empty(bucket.stop - bucket.start, send.dtype)
+        out = receive_buffer(bucket.stop - bucket.start, part.dtype)
         displs = [sum(bucket.counts[:r]) for r in range(self.size)]
         self.comm.Allgatherv(send, [np.asarray(out), list(bucket.counts), displs, None])
-        return out.view(part.dtype) if out.dtype != part.dtype else out
+        return as_dtype(out, part.dtype)
 
 
 HALF = {"float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -383,11 +383,17 @@ def numpy_view(x):
     return np.asarray(x)
 
 
-def _empty(n, dtype):
-    """An evaluated MLX buffer of ``n`` elements (of NumPy ``dtype``) that MPI writes in place."""
-    out = mx.zeros((n,), dtype=getattr(mx, np.dtype(dtype).name))
+def receive_buffer(n, dtype):
+    """An evaluated MLX buffer of ``n`` elements of ``dtype`` that MPI or a socket writes in
+    place through ``np.asarray`` (half precision as uint16, as :func:`numpy_view` gives it)."""
+    out = mx.zeros((n,), mx.uint16 if dtype in HALF.values() else dtype)
     mx.eval(out)
     return out
+
+
+def as_dtype(out, dtype):
+    """``out`` (from :func:`receive_buffer`) viewed as ``dtype``."""
+    return out.view(dtype) if out.dtype != dtype else out
 
 
 _ops = {}

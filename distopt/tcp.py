@@ -29,7 +29,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from .comm import HALF, half_sum_op, numpy_view
+from .comm import HALF, as_dtype, half_sum_op, numpy_view, receive_buffer
 from .group import all_gather_object
 from .layout import dtype_name, join
 
@@ -100,39 +100,28 @@ class TcpRing:
         acc = part(self.rank - 1)
         for s in range(self.size - 1):
             k = self.rank - s - 2
-            out = _empty(counts[k % self.size], dtype)
+            out = receive_buffer(counts[k % self.size], dtype)
             got = np.asarray(out)
             self._step([_bytes(a) for a in acc], _bytes(got))
             _add_into(got, part(k), dtype)
             acc = [got]
-        return _as(out, dtype)
+        return as_dtype(out, dtype)
 
     def all_gather(self, part, counts):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements)."""
         starts = np.cumsum([0, *counts])
-        out = _empty(int(starts[-1]), part.dtype)
+        out = receive_buffer(int(starts[-1]), part.dtype)
         full = np.asarray(out)
         slot = lambda k: full[starts[k % self.size] : starts[k % self.size + 1]]  # noqa: E731
         slot(self.rank)[...] = numpy_view(part)
         for s in range(self.size - 1):
             k = self.rank - s - 1
             self._step([_bytes(slot(k + 1))], _bytes(slot(k)))
-        return _as(out, part.dtype)
+        return as_dtype(out, part.dtype)
 
 
 def _bytes(a):
     return memoryview(a).cast("B")
-
-
-def _empty(n, dtype):
-    """An evaluated MLX buffer of ``n`` elements to receive into (half precision as uint16)."""
-    out = mx.zeros((n,), mx.uint16 if dtype in HALF.values() else dtype)
-    mx.eval(out)
-    return out
-
-
-def _as(out, dtype):
-    return out.view(dtype) if out.dtype != dtype else out
 
 
 class _Pieces:
