@@ -22,10 +22,10 @@ import collections
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import precision, validate, watchdog
-from .comm import Traffic, make_communicator, traced
+from .comm import Communicator, make_communicator, traced
 from .group import DistoptError, all_gather_object, init
 from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, join
 
@@ -483,22 +483,14 @@ def in_flight(per_bucket, stage):
     return sum(sorted(per_bucket, reverse=True)[: {1: IN_FLIGHT, 2: 1}.get(stage)])
 
 
-class SingleRankComm:
+class SingleRankComm(Communicator):
     """The communicator of a one-rank group: the sum over one rank is the buffer itself."""
 
     name = "single"
 
-    def __init__(self, group):
-        self.group, self.rank, self.size = group, 0, 1
-        self.traffic = Traffic()
-
     def reduce_scatter(self, flat, bucket):
         """``flat`` itself: the sum over one rank."""
         return flat
-
-    def reduce_scatter_pieces(self, pieces, bucket):
-        """The pieces joined: the sum over one rank."""
-        return join(pieces)
 
     def all_gather(self, part, bucket):
         """``part`` itself: the whole buffer."""

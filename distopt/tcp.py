@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 
-import mlx.core as mx
 import numpy as np
 
 from .comm import HALF, as_dtype, half_sum_op, numpy_view, receive_buffer
@@ -145,11 +144,12 @@ class _Pieces:
 def _add_into(acc, own, dtype):
     """``acc += own`` in place for the consecutive arrays ``own``, rounded as MLX adds
     (half precision through float32)."""
+    half_add = half_sum_op(dtype_name(dtype)) if dtype in HALF.values() else None
     pos = 0
     for piece in own:
         target = acc[pos : pos + piece.size]
-        if dtype in HALF.values():
-            half_sum_op(dtype_name(dtype))(memoryview(piece), memoryview(target), None)
+        if half_add:
+            half_add(memoryview(piece), memoryview(target), None)
         else:
             np.add(target, piece, out=target)
         pos += piece.size
