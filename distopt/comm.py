@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from .buffers import HALF, as_dtype, numpy_view, receive_buffer
+from .evaluation import traced
 from .group import backend_of
 from .layout import dtype_name, join
 from .ring import Ring
@@ -94,25 +96,6 @@ class Traffic:
         self.steps = 0
 
 
-def traced(x, wait=True):
-    """True when ``x`` is a placeholder inside ``mx.compile`` (it cannot be evaluated).
-
-    Otherwise ``x`` is evaluated (``wait=False``: only scheduled with ``mx.async_eval``,
-    which keeps a GPU's queue full) and the answer is False.
-    """
-    try:
-        (mx.eval if wait else mx.async_eval)(x)
-        return False
-    except ValueError as e:  # eval / async_eval of a compile placeholder
-        if "function transformations" in str(e) or "graph transformation" in str(e):
-            return True
-        raise
-    except RuntimeError as e:  # an array that depends on a compile input placeholder
-        if "without a primitive" in str(e):
-            return True
-        raise
-
-
 class Communicator:
     """Base: the group, its rank and size, and the traffic counter."""
 
@@ -151,6 +134,11 @@ class Communicator:
         ``pieces`` make up (a bucket's slices of the gradient leaves). Paths that can read
         the pieces where they lie (``tcp``) skip joining them into one copy."""
         return self.reduce_scatter(join(pieces), bucket)
+
+    def gathers_into(self, part):
+        """Whether :meth:`all_gather_into` can receive ``part``'s bucket straight into the
+        caller's arrays (``tcp`` outside ``mx.compile``); else use :meth:`all_gather`."""
+        return False
 
     def _check(self, x, n, what):
         """Refuse a buffer of the wrong length before any rank waits on it (it would hang)."""
@@ -335,6 +323,15 @@ class TcpComm(_RingPath):
     def _all_gather(self, part, bucket):
         return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))
 
+    def gathers_into(self, part):
+        return not traced(part)
+
+    def all_gather_into(self, part, bucket, into):
+        """:meth:`all_gather` received in place into ``into``: consecutive writable 1-D NumPy
+        arrays (views of the new parameters) covering the bucket. No gathered copy."""
+        self._check(part, bucket.counts[self.rank], "all_gather")
+        self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts, into=into))
+
 
 class MpiComm(_Eager):
     """Open MPI's collectives through mpi4py on zero-copy views of MLX memory.
@@ -370,30 +367,6 @@ class MpiComm(_Eager):
         displs = [sum(bucket.counts[:r]) for r in range(self.size)]
         self.comm.Allgatherv(send, [np.asarray(out), list(bucket.counts), displs, None])
         return as_dtype(out, part.dtype)
-
-
-HALF = {"float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def numpy_view(x):
-    """A NumPy view (no copy) of evaluated ``x``; half-precision as an MLX uint16 view."""
-    if x.dtype in HALF.values():
-        x = x.view(mx.uint16)
-    mx.eval(x)
-    return np.asarray(x)
-
-
-def receive_buffer(n, dtype):
-    """An evaluated MLX buffer of ``n`` elements of ``dtype`` that MPI or a socket writes in
-    place through ``np.asarray`` (half precision as uint16, as :func:`numpy_view` gives it)."""
-    out = mx.zeros((n,), mx.uint16 if dtype in HALF.values() else dtype)
-    mx.eval(out)
-    return out
-
-
-def as_dtype(out, dtype):
-    """``out`` (from :func:`receive_buffer`) viewed as ``dtype``."""
-    return out.view(dtype) if out.dtype != dtype else out
 
 
 _ops = {}

@@ -19,13 +19,15 @@ precision options (fp32 master shards, clipping, non-finite skip, loss scaling) 
 """
 
 import collections
+import itertools
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import precision, validate, watchdog
-from .comm import Communicator, make_communicator, traced
+from .comm import Communicator, make_communicator
+from .evaluation import traced
 from .group import DistoptError, all_gather_object, init
 from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, join
 
@@ -228,21 +230,36 @@ class ShardedOptimizer(optim.Optimizer):
         hyper = {k: self._state[k] for k in HYPER_KEYS if k in self._state}
         updated = []
         for name in self.layout.buffers:
-            # 3. Update each bucket's part (fp32 master if any) and gather the bucket.
+            # 3. Update each bucket's part (fp32 master if any), in the model's dtype.
             divisor = divisors[name]
-            gathered = (
-                self._update_part(name, b, hyper, g, parameters, coefficient, ok, divisor) for b, g in enumerate(grads[name])
-            )
-            # 4. Cut the new parameters out of the gathered buckets as they arrive.
-            for ready in self.layout.unflatten_buckets(name, gathered):
+            parts = (self._update_part(name, b, hyper, g, parameters, coefficient, ok, divisor) for b, g in enumerate(grads[name]))
+            # 4. Gather the buckets into the new parameters as they arrive.
+            for ready in self._gather_parameters(name, parts):
                 self._settle([array for _, array in ready])
                 updated += ready
         self._in_flight.clear()  # still running; the step's outputs hold what they need
         return self.layout.tree(updated)
 
+    def _gather_parameters(self, name, parts):
+        """For each bucket of buffer ``name``, gather every rank's updated ``parts`` and yield
+        the ``(path, array)`` pairs of the new parameters that end in it: received straight
+        into fresh parameter arrays where the communicator can (``tcp``), else cut out of
+        the gathered buckets."""
+        buckets = self.layout.buffers[name].buckets
+        parts = iter(parts)
+        first = next(parts)
+        parts = itertools.chain([first], parts)
+        if self.comm.gathers_into(first):
+            leaves = self.layout.new_leaves(name)
+            for bucket, part in zip(buckets, parts):
+                self.comm.all_gather_into(part, bucket, leaves.views(bucket))
+                yield leaves.finished(bucket)
+        else:
+            yield from self.layout.unflatten_buckets(name, (self.comm.all_gather(p, b) for b, p in zip(buckets, parts)))
+
     def _update_part(self, name, b, hyper, grad, parameters, coefficient, ok, divisor=None):
-        """Update this rank's part of bucket ``b`` of buffer ``name``; return the bucket
-        gathered from every rank, in the model's dtype. A non-finite step changes nothing."""
+        """Update this rank's part of bucket ``b`` of buffer ``name``; return the new part in
+        the model's dtype. A non-finite step changes nothing."""
         buf, shard = self.layout.buffers[name], self._state["shards"][name]
         bucket = buf.buckets[b]
         state = {key: parts[b] for key, parts in shard.items() if key != "master"}
@@ -255,7 +272,7 @@ class ShardedOptimizer(optim.Optimizer):
             shard[key][b] = value
         if "master" in shard:
             shard["master"][b] = param
-        return self.comm.all_gather(param.astype(buf.dtype), bucket)
+        return param.astype(buf.dtype)
 
     def _init_lazily(self, gradients, parameters):
         """``init`` on the first step, which ``mx.compile`` cannot trace (it talks to other ranks)."""

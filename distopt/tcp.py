@@ -28,7 +28,8 @@ import threading
 
 import numpy as np
 
-from .comm import HALF, as_dtype, half_sum_op, numpy_view, receive_buffer
+from .buffers import HALF, as_dtype, numpy_view, receive_buffer
+from .comm import half_sum_op
 from .group import all_gather_object
 from .layout import dtype_name, join
 
@@ -66,7 +67,8 @@ class TcpRing:
         self.peers = {"right": (self.rank + 1) % self.size, "left": (self.rank - 1) % self.size}
 
     def _step(self, outgoing, incoming):
-        """Send the byte views ``outgoing`` (in order) right while receiving ``incoming`` from the left."""
+        """Send the byte views ``outgoing`` (in order) right while receiving into the byte
+        views ``incoming`` (in order) from the left."""
         error = []
 
         def send():
@@ -79,13 +81,14 @@ class TcpRing:
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         try:
-            _recv_into(self.left, incoming, self.peers["left"])
+            for view in incoming:
+                _recv_into(self.left, view, self.peers["left"])
         finally:
             sender.join()
         if error:
             raise ConnectionError(f"distopt tcp: sending to rank {self.peers['right']} failed: {error[0]}")
         self.sent += sum(len(view) for view in outgoing)
-        self.received += len(incoming)
+        self.received += sum(len(view) for view in incoming)
 
     def reduce_scatter(self, pieces, counts):
         """This rank's part of the elementwise sum of the flat buffer made of ``pieces``
@@ -101,22 +104,33 @@ class TcpRing:
             k = self.rank - s - 2
             out = receive_buffer(counts[k % self.size], dtype)
             got = np.asarray(out)
-            self._step([_bytes(a) for a in acc], _bytes(got))
+            self._step([_bytes(a) for a in acc], [_bytes(got)])
             _add_into(got, part(k), dtype)
             acc = [got]
         return as_dtype(out, dtype)
 
-    def all_gather(self, part, counts):
-        """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements)."""
+    def all_gather(self, part, counts, into=None):
+        """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements).
+
+        With ``into`` (consecutive writable 1-D NumPy arrays, e.g. views of the new
+        parameter leaves, in the dtype :func:`~distopt.buffers.numpy_view` gives) the
+        parts are received into them in place and nothing is returned.
+        """
         starts = np.cumsum([0, *counts])
-        out = receive_buffer(int(starts[-1]), part.dtype)
-        full = np.asarray(out)
-        slot = lambda k: full[starts[k % self.size] : starts[k % self.size + 1]]  # noqa: E731
-        slot(self.rank)[...] = numpy_view(part)
+        out = None
+        if into is None:
+            out = receive_buffer(int(starts[-1]), part.dtype)
+            into = [np.asarray(out)]
+        full = _Pieces(into)
+        slot = lambda k: full.range(starts[k % self.size], starts[k % self.size + 1])  # noqa: E731
+        own, pos = numpy_view(part), 0
+        for view in slot(self.rank):
+            view[...] = own[pos : pos + view.size]
+            pos += view.size
         for s in range(self.size - 1):
             k = self.rank - s - 1
-            self._step([_bytes(slot(k + 1))], _bytes(slot(k)))
-        return as_dtype(out, part.dtype)
+            self._step([_bytes(v) for v in slot(k + 1)], [_bytes(v) for v in slot(k)])
+        return None if out is None else as_dtype(out, part.dtype)
 
 
 def _bytes(a):

@@ -10,7 +10,7 @@ import numbers
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .comm import traced
+from .evaluation import traced
 from .layout import dtype_name
 
 

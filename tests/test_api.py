@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import distopt
-from distopt.layout import FlatLayout, split_counts
+from distopt.layout import FlatLayout, dtype_name, split_counts
 
 PAIRS = [(optim.SGD, distopt.SGD), (optim.Adagrad, distopt.Adagrad), (optim.Adamax, distopt.Adamax)]
 
@@ -164,11 +164,21 @@ def test_layout_shards_cover_the_buffer_once(n, bucket_bytes):
         assert ka == kb and va.dtype == vb.dtype and mx.array_equal(va, vb).item()
 
 
+@pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("bucket_bytes", [4, 12, 36, 1 << 20])
-def test_flat_range_of_transposed_and_3d_leaves(bucket_bytes):
+def test_flat_range_of_transposed_and_3d_leaves(bucket_bytes, blocked, monkeypatch):
     """Leaves that flatten to a copy (a transposed gradient, as nn.Linear's) or span
-    buckets give the same flat values as flattening them whole."""
+    buckets give the same flat values as flattening them whole; also when a large
+    transposed leaf is copied through column blocks (here made small: blocks of 2
+    columns from 8 elements on)."""
+    from distopt import layout as layout_module
+
+    if blocked:
+        monkeypatch.setattr(layout_module, "TRANSPOSE_BLOCK", 2)
+        monkeypatch.setattr(layout_module, "BLOCKED_MIN_ELEMS", 8)
     tree = {"t": mx.arange(35, dtype=mx.float32).reshape(5, 7).T, "c": mx.arange(60, dtype=mx.float32).reshape(3, 4, 5) + 100}
+    assert layout_module._transposed_and_large(tree["t"]) is blocked
+    assert not layout_module._transposed_and_large(mx.contiguous(tree["t"]))
     layout = FlatLayout(tree, 3, bucket_bytes=bucket_bytes)
     buf = layout.buffers["float32"]
     expected = mx.concatenate([tree["t"].reshape(-1), tree["c"].reshape(-1), mx.zeros((buf.padded_size - buf.size,))])
@@ -228,3 +238,36 @@ def test_unflatten_buckets_rebuilds_each_parameter_where_it_ends(bucket_bytes):
     assert list(seen) == ["a", "empty", "w", "b"]
     for path, value in seen.items():
         assert value.shape == tree[path].shape and mx.array_equal(value, tree[path]), path
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("bucket_bytes", [4, 12, 36, 1 << 20])
+def test_new_leaves_filled_bucket_by_bucket_equal_the_parameters(bucket_bytes, dtype):
+    """A gather writing each bucket into NewLeaves.views (as the tcp path does) gives the
+    same parameters, each finished with the bucket holding its last element; padding
+    goes to scratch, never into a parameter."""
+    import numpy as np
+
+    from distopt.buffers import numpy_view
+
+    tree = {"a": mx.arange(5.0), "empty": mx.zeros((0,)), "w": mx.arange(21.0).reshape(7, 3), "b": mx.array([7.0, 8.0])}
+    tree = {k: v.astype(dtype) for k, v in tree.items()}
+    layout = FlatLayout(tree, 3, bucket_bytes=bucket_bytes)
+    buf = layout.buffers[dtype_name(dtype)]
+    leaves, seen = layout.new_leaves(buf.name), {}
+    for bucket in buf.buckets:
+        flat = numpy_view(layout.flat_range(tree, buf.name, bucket.start, bucket.stop))
+        views = leaves.views(bucket)
+        assert sum(v.size for v in views) == bucket.stop - bucket.start
+        np.concatenate(views)  # one dtype: the words a socket moves
+        pos = 0
+        for view in views:
+            view[...] = flat[pos : pos + view.size]
+            pos += view.size
+        for path, value in leaves.finished(bucket):
+            entry = next(e for e in buf.entries if e.path == path)
+            assert bucket.start <= entry.offset + entry.size <= bucket.stop, path
+            seen[path] = value
+    assert list(seen) == ["a", "empty", "w", "b"] and not leaves.open
+    for path, value in seen.items():
+        assert value.shape == tree[path].shape and value.dtype == dtype and mx.array_equal(value, tree[path]), path

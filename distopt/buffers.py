@@ -1,0 +1,32 @@
+"""Evaluated MLX buffers that NumPy, MPI and sockets read and write in place.
+
+``np.asarray`` of an evaluated MLX array is a writable view of its memory (no copy),
+so a collective can read a gradient bucket and write its result straight into MLX
+buffers. NumPy has no bfloat16: half precision travels as uint16 words.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+HALF = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def numpy_view(x):
+    """A NumPy view (no copy) of evaluated ``x``; half-precision as an MLX uint16 view."""
+    if x.dtype in HALF.values():
+        x = x.view(mx.uint16)
+    mx.eval(x)
+    return np.asarray(x)
+
+
+def receive_buffer(n, dtype):
+    """An evaluated MLX buffer of ``n`` elements of ``dtype`` that MPI or a socket writes in
+    place through ``np.asarray`` (half precision as uint16, as :func:`numpy_view` gives it)."""
+    out = mx.zeros((n,), mx.uint16 if dtype in HALF.values() else dtype)
+    mx.eval(out)
+    return out
+
+
+def as_dtype(out, dtype):
+    """``out`` (from :func:`receive_buffer`) viewed as ``dtype``."""
+    return out.view(dtype) if out.dtype != dtype else out
