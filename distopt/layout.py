@@ -366,9 +366,10 @@ def _transpose_by_blocks(leaf):
 
     MLX's copy of a whole transposed array reads every element of an output row from a
     different memory row (and page); blocked, those reads stay in cache and TLB. Measured
-    on the 2-core Xeon (``benchmarks/grad_layout_probe.py --blocks``): 2048² 47 -> 10 ms,
-    3000² 112 -> 43 ms, 1536x6144 170 -> 37 ms, 5000² 311 -> 78-153 ms; no change at 1581²
-    and a little slower below 2^21 elements, hence ``BLOCKED_MIN_ELEMS``.
+    on the 2-core Xeon (``benchmarks/grad_layout_probe.py --dims 1568,2048,3000,5000``):
+    2048² 48.4 -> 13.7 ms, 3000² 116 -> 55 ms, 5000² 352 -> 162 ms; no change at 1568²
+    (9.8 ms) and a little slower below 2^21 elements in a scratch sweep, hence
+    ``BLOCKED_MIN_ELEMS``.
     """
     b = TRANSPOSE_BLOCK
     return mx.concatenate([leaf[:, c : c + b] for c in range(0, leaf.shape[1], b)], axis=1)
