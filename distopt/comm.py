@@ -45,7 +45,7 @@ import numpy as np
 from .buffers import HALF, as_dtype, numpy_view, receive_buffer
 from .evaluation import traced
 from .group import backend_of
-from .layout import dtype_name, join
+from .layout import ColumnBlock, dtype_name, join
 from .ring import Ring
 
 log = logging.getLogger("distopt")
@@ -134,6 +134,8 @@ class Communicator:
         ``pieces`` make up (a bucket's slices of the gradient leaves). Paths that can read
         the pieces where they lie (``tcp``) skip joining them into one copy."""
         return self.reduce_scatter(join(pieces), bucket)
+
+    reads_segments = False  # True: reduce_scatter_segments takes a bucket as wire-order segments (tcp)
 
     def gathers_into(self, part):
         """Whether :meth:`all_gather_into` can receive ``part``'s bucket straight into the
@@ -322,6 +324,20 @@ class TcpComm(_RingPath):
 
     def _all_gather(self, part, bucket):
         return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))
+
+    reads_segments = True
+
+    def reduce_scatter_segments(self, parts, bucket):
+        """:meth:`reduce_scatter` of a bucket given per part as wire-order segments
+        (:meth:`distopt.layout.FlatLayout.part_segments`): column-major gradient rows are
+        sent and summed as they lie in memory (:meth:`distopt.tcp.TcpRing.reduce_scatter_segments`)."""
+        flat = [s for segments in parts for s in segments]
+        if self.size == 1 or not any(isinstance(s, ColumnBlock) for s in flat):
+            return self.reduce_scatter_pieces(flat, bucket)  # nothing to read in place (or compiled)
+        for k, segments in enumerate(parts):
+            if sum(s.size for s in segments) != bucket.counts[k]:
+                raise ValueError(f"tcp reduce_scatter: part {k} holds {sum(s.size for s in segments)} elements, expected {bucket.counts[k]}.")
+        return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter_segments(parts, bucket.counts))
 
     def gathers_into(self, part):
         return not traced(part)

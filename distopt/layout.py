@@ -217,6 +217,31 @@ class FlatLayout:
             pieces.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
         return pieces
 
+    def part_segments(self, tree, name, bucket):
+        """For every rank's part of ``bucket``, the gradient segments that hold it, in
+        *wire order*: 1-D slices (as :meth:`flat_pieces`) except that the whole rows of a
+        column-major leaf (``nn.Linear``'s weight gradient) inside one part come as one
+        :class:`ColumnBlock`, whose elements travel column by column: the leaf's own
+        memory order, read without the flattening copy. Wire order permutes elements only
+        within a part, so a ring reduce-scatter sums the same elements on every rank and
+        only the finished part is put back in row order (:meth:`ColumnBlock.row_major`)."""
+        buf, leaves = self.buffers[name], Leaves.of(tree)
+        parts = []
+        for k in range(len(bucket.counts)):
+            lo, hi = bucket.part(k)
+            segments, pos = [], lo
+            i = max(bisect.bisect_right(buf.starts, lo) - 1, 0)
+            while pos < min(hi, buf.size):
+                e = buf.entries[i]
+                end = min(hi, e.offset + e.size)
+                if end > pos:
+                    segments += _leaf_segments(leaves[e.path], pos - e.offset, end - e.offset)
+                pos, i = max(pos, end), i + 1
+            if hi > max(lo, buf.size):
+                segments.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
+            parts.append(segments)
+        return parts
+
     def shard_parts(self, tree, name, rank):
         """Rank's part of every bucket of ``tree``'s flat ``name`` buffer (its shard, per bucket)."""
         leaves = Leaves.of(tree)
@@ -337,7 +362,58 @@ def _flat_slice(leaf, lo, hi):
         leaf, lo, hi = leaf[r0:r1], lo - r0 * row, hi - r0 * row
     if blocked:
         return _transpose_by_blocks(leaf).reshape(-1)[lo:hi]
-    return mx.contiguous(leaf).reshape(-1)[lo:hi]
+    return mx.contiguous(leaf).reshape(-1)[lo:hi]  # any dimension count
+
+
+@dataclass(frozen=True)
+class ColumnBlock:
+    """Whole rows ``rows`` (shape ``(r, c)``) of a column-major leaf, in wire order: column
+    by column, i.e. ``rows.T`` flattened, which is how the leaf lies in memory."""
+
+    rows: mx.array
+
+    @property
+    def size(self):
+        return self.rows.size
+
+    def wire(self):
+        """A NumPy view ``(c, r)`` of the block in wire order (each of its rows contiguous)."""
+        mx.eval(self.rows)
+        return np.asarray(self.rows).T
+
+    def row_major(self, flat):
+        """``flat`` (this block's elements in wire order) put back in row order, flat."""
+        r, c = self.rows.shape
+        return _row_major(flat.reshape(c, r).T).reshape(-1)
+
+
+def _leaf_segments(leaf, lo, hi):
+    """``leaf.reshape(-1)[lo:hi]`` as wire-order segments: the whole rows of a column-major
+    leaf as one :class:`ColumnBlock`, partial rows and other leaves as 1-D slices."""
+    if _column_major(leaf):
+        row = leaf.shape[1]
+        r0, r1 = -(-lo // row), hi // row
+        if r0 < r1:
+            head = [_flat_slice(leaf, lo, r0 * row)] if lo < r0 * row else []
+            tail = [_flat_slice(leaf, r1 * row, hi)] if r1 * row < hi else []
+            return head + [ColumnBlock(leaf[r0:r1])] + tail
+    return [_flat_slice(leaf, lo, hi)]
+
+
+def _column_major(leaf):
+    """True for an evaluated, column-major 2-D float32/float64 ``leaf`` on the CPU
+    (``nn.Linear``'s weight gradient). Only a CPU step that evaluates its gradients
+    anyway asks: a lazy or compiled graph (GPU, ``mx.compile``) is never evaluated here."""
+    if leaf.ndim != 2 or mx.default_device() != mx.cpu or leaf.dtype.size not in (4, 8):
+        return False
+    if traced(leaf):
+        return False
+    return np.asarray(leaf).strides[0] == leaf.dtype.size
+
+
+def _row_major(leaf):
+    """2-D ``leaf`` as a row-contiguous array: through column blocks where that is faster."""
+    return _transpose_by_blocks(leaf) if _transposed_and_large(leaf) else mx.contiguous(leaf)
 
 
 # A column-major (transposed) 2-D leaf of at least BLOCKED_MIN_ELEMS elements is made
@@ -347,17 +423,11 @@ BLOCKED_MIN_ELEMS = 1 << 21
 
 
 def _transposed_and_large(leaf):
-    """True for an evaluated, column-major 2-D ``leaf`` on the CPU (``nn.Linear``'s weight
-    gradient) with at least ``BLOCKED_MIN_ELEMS`` elements and more than one block of
-    columns. Only a CPU step that evaluates its gradients anyway asks: a lazy or compiled
-    graph (GPU, ``mx.compile``) is never evaluated here."""
+    """True for a :func:`_column_major` ``leaf`` with at least ``BLOCKED_MIN_ELEMS``
+    elements and more than one block of columns."""
     if leaf.ndim != 2 or leaf.size < BLOCKED_MIN_ELEMS or leaf.shape[1] <= TRANSPOSE_BLOCK:
         return False
-    if mx.default_device() != mx.cpu or leaf.dtype.size not in (4, 8):
-        return False
-    if traced(leaf):
-        return False
-    return np.asarray(leaf).strides[0] == leaf.dtype.size
+    return _column_major(leaf)
 
 
 def _transpose_by_blocks(leaf):

@@ -316,10 +316,13 @@ class ShardedOptimizer(optim.Optimizer):
         if self.precision.checks or (reduce_dtype or buf.dtype) != work:
             divisor = None
         for bucket in buf.buckets:
-            pieces = self.layout.flat_pieces(gradients, name, bucket.start, bucket.stop)
-            if reduce_dtype is not None:
-                pieces = [join(pieces).astype(reduce_dtype)]
-            total = self.comm.reduce_scatter_pieces(pieces, bucket)
+            if self.comm.reads_segments and reduce_dtype is None:
+                total = self.comm.reduce_scatter_segments(self.layout.part_segments(gradients, name, bucket), bucket)
+            else:
+                pieces = self.layout.flat_pieces(gradients, name, bucket.start, bucket.stop)
+                if reduce_dtype is not None:
+                    pieces = [join(pieces).astype(reduce_dtype)]
+                total = self.comm.reduce_scatter_pieces(pieces, bucket)
             parts.append(total if divisor else mean(total, self.group.size(), work))
             self._settle(parts[-1])  # frees the flat bucket before the next ones pile up
         return parts, divisor

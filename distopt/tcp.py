@@ -31,7 +31,7 @@ import numpy as np
 from .buffers import HALF, as_dtype, numpy_view, receive_buffer
 from .comm import half_sum_op
 from .group import all_gather_object
-from .layout import dtype_name, join
+from .layout import ColumnBlock, dtype_name, join
 
 
 class TcpRing:
@@ -109,6 +109,29 @@ class TcpRing:
             acc = [got]
         return as_dtype(out, dtype)
 
+    def reduce_scatter_segments(self, parts, counts):
+        """:meth:`reduce_scatter` of a bucket given per part as wire-order segments
+        (:meth:`distopt.layout.FlatLayout.part_segments`): a :class:`~distopt.layout.ColumnBlock`
+        is sent and added column by column, as it lies in memory, and only this rank's
+        finished part is put back in row order (1/N of the bucket instead of all of it)."""
+        dtype = _dtype(parts)
+        own = [[_wire(s) for s in segments] for segments in parts]
+        acc, out = own[(self.rank - 1) % self.size], None
+        for s in range(self.size - 1):
+            k = (self.rank - s - 2) % self.size
+            out = receive_buffer(counts[k], dtype)
+            got = np.asarray(out)
+            self._step([_bytes(a) for a in acc], [_bytes(got)])
+            _add_into(got, own[k], dtype)
+            acc = [got]
+        out = as_dtype(out, dtype)
+        pieces, pos = [], 0
+        for segment in parts[self.rank]:
+            flat = out[pos : pos + segment.size]
+            pieces.append(segment.row_major(flat) if isinstance(segment, ColumnBlock) else flat)
+            pos += segment.size
+        return join(pieces) if pieces else out
+
     def all_gather(self, part, counts, into=None):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements).
 
@@ -134,7 +157,19 @@ class TcpRing:
 
 
 def _bytes(a):
+    if not a.flags.c_contiguous:  # a ColumnBlock of some rows only: one copy of its columns
+        a = np.ascontiguousarray(a)
     return memoryview(a).cast("B")
+
+
+def _wire(segment):
+    """A segment's NumPy view in wire order (a :class:`ColumnBlock` column by column)."""
+    return segment.wire() if isinstance(segment, ColumnBlock) else numpy_view(segment)
+
+
+def _dtype(parts):
+    first = next(s for segments in parts for s in segments)
+    return first.rows.dtype if isinstance(first, ColumnBlock) else first.dtype
 
 
 class _Pieces:
@@ -161,7 +196,7 @@ def _add_into(acc, own, dtype):
     half_add = half_sum_op(dtype_name(dtype)) if dtype in HALF.values() else None
     pos = 0
     for piece in own:
-        target = acc[pos : pos + piece.size]
+        target = acc[pos : pos + piece.size].reshape(piece.shape)  # 2-D: a ColumnBlock's wire view
         if half_add:
             half_add(memoryview(piece), memoryview(target), None)
         else:

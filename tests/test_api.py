@@ -240,6 +240,40 @@ def test_unflatten_buckets_rebuilds_each_parameter_where_it_ends(bucket_bytes):
         assert value.shape == tree[path].shape and mx.array_equal(value, tree[path]), path
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("bucket_bytes", [4, 12, 36, 88, 160, 1 << 20])
+def test_part_segments_in_wire_order_hold_each_part(bucket_bytes, world):
+    """Every part of every bucket, from its wire-order segments: the same elements as the
+    flat part, and ColumnBlock.row_major puts a block's wire-order values back in row order.
+    A transposed leaf (nn.Linear's gradient) gives ColumnBlocks for its whole rows only."""
+    import numpy as np
+
+    from distopt.layout import ColumnBlock
+
+    tree = {"t": mx.arange(35, dtype=mx.float32).reshape(5, 7).T, "b": mx.arange(3.0) + 50, "c": mx.arange(24.0).reshape(4, 6) + 100}
+    layout = FlatLayout(tree, world, bucket_bytes=bucket_bytes)
+    buf, blocks = layout.buffers["float32"], 0
+    for bucket in buf.buckets:
+        parts = layout.part_segments(tree, "float32", bucket)
+        assert len(parts) == world
+        for k, segments in enumerate(parts):
+            expected = layout.flat_range(tree, "float32", *bucket.part(k))
+            wire = [np.asarray(s.wire()).reshape(-1) if isinstance(s, ColumnBlock) else np.asarray(s) for s in segments]
+            assert sum(w.size for w in wire) == expected.size
+            rebuilt, pos = [], 0
+            for s, w in zip(segments, wire):
+                if isinstance(s, ColumnBlock):
+                    blocks += 1
+                    assert s.rows.shape[1] == 5  # rows of the transposed leaf only
+                    rebuilt.append(s.row_major(mx.array(w)))
+                else:
+                    rebuilt.append(mx.array(w))
+                pos += w.size
+            if rebuilt:
+                assert mx.array_equal(mx.concatenate(rebuilt), expected).item(), (bucket, k)
+    assert blocks > 0 or bucket_bytes < 88  # smaller buckets hold no whole row of 5
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("bucket_bytes", [4, 12, 36, 1 << 20])
 def test_new_leaves_filled_bucket_by_bucket_equal_the_parameters(bucket_bytes, dtype):
