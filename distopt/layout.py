@@ -70,6 +70,21 @@ class Buffer:
         """Every entry's offset, in order (for bisecting a flat position)."""
         return [e.offset for e in self.entries]
 
+    def overlaps(self, lo, hi):
+        """``(entry, a, b)`` for each entry holding elements of ``flat[lo:hi]``, in order:
+        its elements ``a:b`` (the padding after the last entry is not an entry)."""
+        pos, i = lo, max(bisect.bisect_right(self.starts, lo) - 1, 0)
+        while pos < min(hi, self.size):
+            e = self.entries[i]
+            end = min(hi, e.offset + e.size)
+            if end > pos:
+                yield e, pos - e.offset, end - e.offset
+            pos, i = max(pos, end), i + 1
+
+    def padding(self, lo, hi):
+        """How many elements of ``flat[lo:hi]`` are padding (zeros after the last entry)."""
+        return max(hi - max(lo, self.size), 0)
+
     def shard_size(self, rank):
         """Elements of this buffer that ``rank`` owns: its part of every bucket."""
         return sum(b.counts[rank] for b in self.buckets)
@@ -204,17 +219,10 @@ class FlatLayout:
     def flat_pieces(self, tree, name, lo, hi):
         """The consecutive 1-D arrays (slices of the overlapping leaves, and zeros for any
         padding) that ``flatten(tree)[name][lo:hi]`` is made of, not yet joined."""
-        buf = self.buffers[name]
-        leaves = Leaves.of(tree)
-        pieces, pos = [], lo
-        i = max(bisect.bisect_right(buf.starts, lo) - 1, 0)
-        while pos < min(hi, buf.size):
-            e = buf.entries[i]
-            end = min(hi, e.offset + e.size)
-            pieces.append(_flat_slice(leaves[e.path], pos - e.offset, end - e.offset))
-            pos, i = end, i + 1
-        if hi > max(lo, buf.size):
-            pieces.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
+        buf, leaves = self.buffers[name], Leaves.of(tree)
+        pieces = [_flat_slice(leaves[e.path], a, b) for e, a, b in buf.overlaps(lo, hi)]
+        if buf.padding(lo, hi):
+            pieces.append(mx.zeros((buf.padding(lo, hi),), dtype=buf.dtype))
         return pieces
 
     def part_segments(self, tree, name, bucket):
@@ -229,16 +237,9 @@ class FlatLayout:
         parts = []
         for k in range(len(bucket.counts)):
             lo, hi = bucket.part(k)
-            segments, pos = [], lo
-            i = max(bisect.bisect_right(buf.starts, lo) - 1, 0)
-            while pos < min(hi, buf.size):
-                e = buf.entries[i]
-                end = min(hi, e.offset + e.size)
-                if end > pos:
-                    segments += _leaf_segments(leaves[e.path], pos - e.offset, end - e.offset)
-                pos, i = max(pos, end), i + 1
-            if hi > max(lo, buf.size):
-                segments.append(mx.zeros((hi - max(lo, buf.size),), dtype=buf.dtype))
+            segments = [s for e, a, b in buf.overlaps(lo, hi) for s in _leaf_segments(leaves[e.path], a, b)]
+            if buf.padding(lo, hi):
+                segments.append(mx.zeros((buf.padding(lo, hi),), dtype=buf.dtype))
             parts.append(segments)
         return parts
 
@@ -309,17 +310,10 @@ class NewLeaves:
 
     def views(self, bucket):
         """The NumPy views of the new leaves (and of scratch for the padding) that hold ``bucket``."""
-        buf, views = self.buf, []
-        lo, hi = bucket.start, min(bucket.stop, buf.size)
-        i = max(bisect.bisect_right(buf.starts, lo) - 1, 0)
-        while lo < hi:
-            e = buf.entries[i]
-            end = min(hi, e.offset + e.size)
-            if end > lo:
-                views.append(self._leaf(e)[lo - e.offset : end - e.offset])
-            lo, i = max(lo, end), i + 1
-        if bucket.stop > max(bucket.start, buf.size):
-            views.append(np.asarray(receive_buffer(bucket.stop - max(bucket.start, buf.size), buf.dtype)))
+        buf = self.buf
+        views = [self._leaf(e)[a:b] for e, a, b in buf.overlaps(bucket.start, bucket.stop)]
+        if buf.padding(bucket.start, bucket.stop):
+            views.append(np.asarray(receive_buffer(buf.padding(bucket.start, bucket.stop), buf.dtype)))
         return views
 
     def finished(self, bucket):
