@@ -8,7 +8,7 @@ socket calls of a step, and prints on rank 0, per step, the milliseconds spent i
   (the reduce-scatter results and, on ``tcp``, the new parameter arrays);
 - ``socket exchanges`` and ``adds``: the ``tcp`` ring's send/receive steps and in-place sums;
 - ``update``: evaluating the compiled optimizer update of this rank's part (with the
-  parameter part it reads);
+  parameter part it reads, and on ``tcp`` putting the reduced part back in row order);
 - other evaluations, by caller.
 
 Example (2 ranks, the 10M MLP of ``distopt bench``, MLX's default cache)::

@@ -73,8 +73,7 @@ class TcpRing:
 
         def send():
             try:
-                for view in outgoing:
-                    self.right.sendall(view)
+                _send_all(self.right, outgoing)
             except OSError as e:
                 error.append(e)
 
@@ -98,16 +97,7 @@ class TcpRing:
         if self.size == 1:
             return join(pieces)  # the sum over one rank
         flat = _Pieces([numpy_view(p) for p in pieces])
-        part = lambda k: flat.range(starts[k % self.size], starts[k % self.size + 1])  # noqa: E731
-        acc = part(self.rank - 1)
-        for s in range(self.size - 1):
-            k = self.rank - s - 2
-            out = receive_buffer(counts[k % self.size], dtype)
-            got = np.asarray(out)
-            self._step([_bytes(a) for a in acc], [_bytes(got)])
-            _add_into(got, part(k), dtype)
-            acc = [got]
-        return as_dtype(out, dtype)
+        return self._ring_sum([flat.range(starts[k], starts[k + 1]) for k in range(self.size)], counts, dtype)
 
     def reduce_scatter_segments(self, parts, counts):
         """:meth:`reduce_scatter` of a bucket given per part as wire-order segments
@@ -115,22 +105,27 @@ class TcpRing:
         is sent and added column by column, as it lies in memory, and only this rank's
         finished part is put back in row order (1/N of the bucket instead of all of it)."""
         dtype = _dtype(parts)
-        own = [[_wire(s) for s in segments] for segments in parts]
-        acc, out = own[(self.rank - 1) % self.size], None
-        for s in range(self.size - 1):
-            k = (self.rank - s - 2) % self.size
-            out = receive_buffer(counts[k], dtype)
-            got = np.asarray(out)
-            self._step([_bytes(a) for a in acc], [_bytes(got)])
-            _add_into(got, own[k], dtype)
-            acc = [got]
-        out = as_dtype(out, dtype)
+        out = self._ring_sum([[_wire(s) for s in segments] for segments in parts], counts, dtype)
         pieces, pos = [], 0
         for segment in parts[self.rank]:
             flat = out[pos : pos + segment.size]
             pieces.append(segment.row_major(flat) if isinstance(segment, ColumnBlock) else flat)
             pos += segment.size
         return join(pieces) if pieces else out
+
+    def _ring_sum(self, own, counts, dtype):
+        """The N - 1 ring steps of a reduce-scatter; ``own[k]`` are this rank's NumPy views
+        of part k (any shapes; their bytes in order are the part). Returns the MLX buffer
+        holding the sum of this rank's part, in the same order."""
+        acc = own[(self.rank - 1) % self.size]
+        for s in range(self.size - 1):
+            k = (self.rank - s - 2) % self.size
+            out = receive_buffer(counts[k], dtype)
+            got = np.asarray(out)
+            self._step([v for a in acc for v in _byte_views(a)], [_bytes(got)])
+            _add_into(got, own[k], dtype)
+            acc = [got]
+        return as_dtype(out, dtype)
 
     def all_gather(self, part, counts, into=None):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements).
@@ -157,9 +152,27 @@ class TcpRing:
 
 
 def _bytes(a):
-    if not a.flags.c_contiguous:  # a ColumnBlock of some rows only: one copy of its columns
-        a = np.ascontiguousarray(a)
     return memoryview(a).cast("B")
+
+
+def _byte_views(a):
+    """Byte views of ``a`` in order: one, or one per row where only the rows are contiguous
+    (the wire view of a :class:`ColumnBlock` of some of a leaf's rows), sent without a copy."""
+    if a.flags.c_contiguous:
+        return [_bytes(a)]
+    return [_bytes(row) for row in a]
+
+
+def _send_all(sock, views):
+    """Send the byte ``views`` in order, gathering up to 1024 (IOV_MAX) per ``sendmsg``."""
+    views, i = list(views), 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + 1024])
+        while i < len(views) and sent >= len(views[i]):
+            sent -= len(views[i])
+            i += 1
+        if sent:
+            views[i] = views[i][sent:]
 
 
 def _wire(segment):

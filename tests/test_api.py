@@ -305,3 +305,30 @@ def test_new_leaves_filled_bucket_by_bucket_equal_the_parameters(bucket_bytes, d
     assert list(seen) == ["a", "empty", "w", "b"] and not leaves.open
     for path, value in seen.items():
         assert value.shape == tree[path].shape and value.dtype == dtype and mx.array_equal(value, tree[path]), path
+
+
+def test_tcp_send_all_resumes_partial_sends_across_views():
+    """sendmsg may send part of its buffers; _send_all resumes mid-view, keeps the order,
+    skips empty views, and gathers at most 1024 views per call."""
+    import numpy as np
+
+    from distopt.tcp import _byte_views, _send_all
+
+    class Trickle:
+        def __init__(self):
+            self.got, self.calls = bytearray(), 0
+
+        def sendmsg(self, buffers):
+            assert len(buffers) <= 1024
+            self.calls += 1
+            data = b"".join(bytes(b) for b in buffers)[: 5 + self.calls % 7]
+            self.got += data
+            return len(data)
+
+    memory = np.arange(3000 * 4, dtype=np.float32).reshape(3000, 4)  # a leaf's memory, column by column
+    block = memory[:, :3]  # the wire view of 3 of its rows: each column contiguous, not the whole
+    views = _byte_views(block) + [memoryview(b"")] + _byte_views(np.arange(5, dtype=np.float32))
+    assert len(views) == 3000 + 2
+    sock = Trickle()
+    _send_all(sock, views)
+    assert bytes(sock.got) == np.ascontiguousarray(block).tobytes() + np.arange(5, dtype=np.float32).tobytes()
