@@ -70,16 +70,16 @@ class Buffer:
         """Every entry's offset, in order (for bisecting a flat position)."""
         return [e.offset for e in self.entries]
 
+    @cached_property
+    def sizes(self):
+        """Every entry's element count, in order."""
+        return [e.size for e in self.entries]
+
     def overlaps(self, lo, hi):
         """``(entry, a, b)`` for each entry holding elements of ``flat[lo:hi]``, in order:
         its elements ``a:b`` (the padding after the last entry is not an entry)."""
-        pos, i = lo, max(bisect.bisect_right(self.starts, lo) - 1, 0)
-        while pos < min(hi, self.size):
-            e = self.entries[i]
-            end = min(hi, e.offset + e.size)
-            if end > pos:
-                yield e, pos - e.offset, end - e.offset
-            pos, i = max(pos, end), i + 1
+        for i, a, b in spans(self.starts, self.sizes, lo, hi):
+            yield self.entries[i], a, b
 
     def padding(self, lo, hi):
         """How many elements of ``flat[lo:hi]`` are padding (zeros after the last entry)."""
@@ -113,6 +113,20 @@ class Leaves(dict):
     def of(cls, tree):
         """``tree``'s leaves (``tree`` itself if it already is :class:`Leaves`)."""
         return tree if isinstance(tree, cls) else cls(tree_flatten(tree))
+
+
+def spans(starts, sizes, lo, hi):
+    """``(i, a, b)`` for each of consecutive items (item i holds ``sizes[i]`` elements from
+    position ``starts[i]`` on) that holds elements of ``[lo, hi)``: its elements ``a:b``,
+    in order; empty items are skipped."""
+    if not starts:
+        return
+    pos, i, end_all = lo, max(bisect.bisect_right(starts, lo) - 1, 0), starts[-1] + sizes[-1]
+    while pos < min(hi, end_all):
+        end = min(hi, starts[i] + sizes[i])
+        if end > pos:
+            yield i, pos - starts[i], end - starts[i]
+        pos, i = max(pos, end), i + 1
 
 
 def join(parts):

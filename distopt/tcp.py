@@ -22,6 +22,7 @@ their own, like MLX's collectives: a peer that hangs is caught by
 dies closes its sockets, which raises :class:`ConnectionError` naming it.
 """
 
+import itertools
 import os
 import socket
 import threading
@@ -31,7 +32,7 @@ import numpy as np
 from .buffers import HALF, as_dtype, numpy_view, receive_buffer
 from .comm import half_sum_op
 from .group import all_gather_object
-from .layout import ColumnBlock, dtype_name, join
+from .layout import ColumnBlock, dtype_name, join, spans
 
 
 class TcpRing:
@@ -190,17 +191,12 @@ class _Pieces:
 
     def __init__(self, arrays):
         self.arrays = arrays
-        self.starts = np.cumsum([0, *(a.size for a in arrays)])
+        self.sizes = [a.size for a in arrays]
+        self.starts = [0, *itertools.accumulate(self.sizes)][:-1]
 
     def range(self, lo, hi):
         """The views of ``arrays`` that hold elements ``lo`` to ``hi`` of the buffer, in order."""
-        views, i = [], max(int(np.searchsorted(self.starts, lo, side="right")) - 1, 0)
-        while lo < hi:
-            a, start = self.arrays[i], self.starts[i]
-            end = min(hi, start + a.size)
-            views.append(a[lo - start : end - start])
-            lo, i = end, i + 1
-        return views
+        return [self.arrays[i][a:b] for i, a, b in spans(self.starts, self.sizes, lo, hi)]
 
 
 def _add_into(acc, own, dtype):
