@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step_probe  # noqa: E402
 
-from distopt import buffers, comm, layout, sharded, tcp  # noqa: E402
+from distopt import buffers, byte_ring, comm, layout, sharded, tcp  # noqa: E402
 from distopt import evaluation  # noqa: E402
 
 spent = collections.defaultdict(list)
@@ -76,10 +76,10 @@ def report():
 for module in (comm, sharded, layout):
     module.traced = timed_traced
 allocate = timer("receive buffers", buffers.receive_buffer)
-comm.receive_buffer = tcp.receive_buffer = layout.receive_buffer = allocate
-comm.numpy_view = tcp.numpy_view = numpy_view
+comm.receive_buffer = byte_ring.receive_buffer = layout.receive_buffer = allocate
+comm.numpy_view = byte_ring.numpy_view = numpy_view
 tcp.TcpRing._step = timer("socket exchanges", tcp.TcpRing._step)
-tcp._add_into = timer("adds", tcp._add_into)
+byte_ring._add_into = timer("adds", byte_ring._add_into)
 atexit.register(report)
 
 if __name__ == "__main__":

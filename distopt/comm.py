@@ -16,23 +16,27 @@ bucket for equal parts: what one ring all-reduce moves.
 
 - :class:`NativeComm`: MLX's ``sum_scatter`` and ``all_gather`` (NCCL, JACCL; equal
   parts only).
-- :class:`TcpComm`: the same ring on plain blocking sockets of its own between the
-  ring hostfile's hosts (:class:`distopt.tcp.TcpRing`; default on the TCP ring, where
-  it was measured faster than MLX's ``send``/``recv`` and ``all_sum``).
+- :class:`TcpComm`: the ring of :class:`distopt.byte_ring.ByteRing` on plain blocking
+  sockets of its own between the ring hostfile's hosts (:class:`distopt.tcp.TcpRing`;
+  default on the TCP ring, where it was measured faster than MLX's ``send``/``recv``
+  and ``all_sum``).
+- :class:`MpiRingComm`: the same ring on Open MPI's non-blocking point-to-point calls
+  through mpi4py (:class:`distopt.mpi_ring.MpiRing`), on zero-copy NumPy views of MLX
+  memory (default on MPI, measured faster there than the paths below).
 - :class:`RingComm`: :class:`distopt.ring.Ring`, built from MLX ``send``/``recv``
-  (default on MPI; ``DISTOPT_COMM=ring`` on the TCP ring).
+  (``DISTOPT_COMM=ring``).
 - :class:`MpiComm`: Open MPI's ``Reduce_scatter``/``Allgatherv`` through mpi4py, on
-  zero-copy NumPy views of the MLX buffers (MPI backend, ``DISTOPT_COMM=mpi4py``).
+  zero-copy NumPy views of the MLX buffers (``DISTOPT_COMM=mpi4py``).
   float16/bfloat16 are summed by a user operation that adds in float32 and rounds to
-  nearest even, as MLX does.
+  nearest even, as MLX does (the rings add the same way).
 - :class:`AllSumComm`: ``all_sum`` then slice; 1.5x the bytes, the last resort.
 
-``DISTOPT_COMM=native|mpi4py|ring|tcp|allsum`` (or ``make_communicator(..., choice=)``)
-forces a path; a path the backend cannot run raises a ``ValueError`` before any
-collective. Inside ``mx.compile`` (where nothing can be evaluated mid-graph)
-:class:`MpiComm` and :class:`TcpComm` fall back to :class:`AllSumComm`, and
-:class:`RingComm` to an ``all_gather`` exchange (two ranks, equal parts) or
-:class:`AllSumComm`; each says so once in the log.
+``DISTOPT_COMM=native|mpi4py-ring|mpi4py|ring|tcp|allsum`` (or
+``make_communicator(..., choice=)``) forces a path; a path the backend cannot run
+raises a ``ValueError`` before any collective. Inside ``mx.compile`` (where nothing
+can be evaluated mid-graph) the eager paths exchange halves with one MLX
+``all_gather`` (two ranks, equal parts; the same bytes), gather equal parts with
+MLX's ``all_gather``, and otherwise fall back to :class:`AllSumComm`, saying so once.
 """
 
 import logging
@@ -50,7 +54,7 @@ from .ring import Ring
 
 log = logging.getLogger("distopt")
 
-CHOICES = ("native", "mpi4py", "ring", "tcp", "allsum")
+CHOICES = ("native", "mpi4py-ring", "mpi4py", "ring", "tcp", "allsum")
 _warned = set()
 
 
@@ -210,7 +214,10 @@ class AllSumComm(Communicator):
 
 
 class _Eager(Communicator):
-    """A path that must evaluate its inputs; inside ``mx.compile`` it uses :class:`AllSumComm`."""
+    """A path that must evaluate its inputs. Inside ``mx.compile`` (nothing can be
+    evaluated mid-graph) two ranks with equal parts exchange halves through one MLX
+    ``all_gather`` (the same bytes) and equal parts are gathered by MLX's
+    ``all_gather``; anything else uses :class:`AllSumComm`, saying so once."""
 
     def __init__(self, group):
         super().__init__(group)
@@ -218,32 +225,47 @@ class _Eager(Communicator):
         self.fallback.traffic = self.traffic
         self.fallback._ordered = self._ordered  # one chain for all collectives of a step
 
-    def _compiled(self, x):
-        if traced(x):
-            _warn_once(
-                ("traced", self.name),
-                "distopt: the %s reduce-scatter cannot run inside mx.compile; compiled steps use "
-                "all_sum + slice (1.5x the bytes). Compile the model's gradient, not the optimizer step.",
-                self.name,
-            )
-            return True
-        return False
-
     def reduce_scatter(self, flat, bucket):
+        """This rank's part of the sum of ``flat`` over ranks."""
         self._check(flat, bucket.stop - bucket.start, "reduce_scatter")
-        if self._compiled(flat):
-            return self.fallback.reduce_scatter(flat, bucket)
-        return self._reduce_scatter(flat, bucket)
+        if not traced(flat):
+            return self._reduce_scatter(flat, bucket)
+        if self.size == 2 and len(set(bucket.counts)) == 1:
+            return self._pair_reduce_scatter(flat, bucket)
+        self._warn_compiled()
+        return self.fallback.reduce_scatter(flat, bucket)
 
     def all_gather(self, part, bucket):
+        """The whole bucket from every rank's ``part``."""
         self._check(part, bucket.counts[self.rank], "all_gather")
-        if self._compiled(part):
-            return self.fallback.all_gather(part, bucket)
-        return self._all_gather(part, bucket)
+        if len(set(bucket.counts)) == 1 and (traced(part) or self.equal_parts_by_mlx):
+            self._count_ring("all_gather", bucket, part.dtype.size)
+            return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
+        if not traced(part):
+            return self._all_gather(part, bucket)
+        self._warn_compiled()
+        return self.fallback.all_gather(part, bucket)
+
+    equal_parts_by_mlx = False  # True: gather equal parts with MLX's all_gather (measured faster there)
+
+    def _pair_reduce_scatter(self, flat, bucket):
+        """Two ranks: ``all_gather`` of the part each sends, plus this rank's own part."""
+        c, peer = bucket.counts[0], 1 - self.rank
+        self._count_ring("reduce_scatter", bucket, flat.dtype.size)
+        rows = self._ordered(flat[peer * c : (peer + 1) * c][None], lambda x: mx.distributed.all_gather(x, group=self.group))
+        return rows[peer] + flat[self.rank * c : (self.rank + 1) * c]
+
+    def _warn_compiled(self):
+        _warn_once(
+            ("traced", self.name),
+            "distopt: the %s reduce-scatter cannot run inside mx.compile beyond two ranks with equal shards; "
+            "compiled steps use all_sum + slice (1.5x the bytes). Compile the model's gradient, not the optimizer step.",
+            self.name,
+        )
 
 
 class _RingPath(_Eager):
-    """A path whose ``self.ring`` (send/recv or sockets) counts the bytes it moves."""
+    """A path whose ``self.ring`` (send/recv, sockets or MPI point-to-point) counts the bytes it moves."""
 
     def _moved(self, op, fn):
         """``fn()``, adding the bytes ``self.ring`` counted during it to ``op``'s traffic."""
@@ -259,58 +281,26 @@ class RingComm(_RingPath):
     On the TCP ring backend each step's sends and receives run concurrently, each on
     its own CPU stream (from 3 ranks on, half of every part goes each way round the
     ring); elsewhere they run in rank-parity order. Equal parts are gathered by MLX's
-    ``all_gather``, already a ring moving (N-1)/N of the bucket. Inside ``mx.compile``,
-    where send/recv cannot be ordered (a ``recv`` has no input to chain), two ranks
-    with equal parts exchange halves with one ``all_gather`` of the part each sends
-    (the same bytes; measured slower eagerly than send/recv) and anything else uses
-    :class:`AllSumComm`.
+    ``all_gather``, already a ring moving (N-1)/N of the bucket.
     """
 
     name = "ring"
+    equal_parts_by_mlx = True
 
     def __init__(self, group, duplex):
         super().__init__(group)
         self.ring = Ring(group, duplex)
 
-    def reduce_scatter(self, flat, bucket):
-        """This rank's part of the sum of ``flat`` over ranks."""
-        self._check(flat, bucket.stop - bucket.start, "reduce_scatter")
-        if traced(flat):
-            if self.size == 2 and len(set(bucket.counts)) == 1:
-                return self._pair_reduce_scatter(flat, bucket)
-            self._compiled(flat)
-            return self.fallback.reduce_scatter(flat, bucket)
+    def _reduce_scatter(self, flat, bucket):
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter(flat, bucket.counts))
 
-    def all_gather(self, part, bucket):
-        """The whole bucket from every rank's ``part``."""
-        self._check(part, bucket.counts[self.rank], "all_gather")
-        if len(set(bucket.counts)) == 1:
-            self._count_ring("all_gather", bucket, part.dtype.size)
-            return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
-        if self._compiled(part):
-            return self.fallback.all_gather(part, bucket)
+    def _all_gather(self, part, bucket):
         return self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts))
 
-    def _pair_reduce_scatter(self, flat, bucket):
-        """Two ranks: ``all_gather`` of the part each sends, plus this rank's own part."""
-        c, peer = bucket.counts[0], 1 - self.rank
-        self._count_ring("reduce_scatter", bucket, flat.dtype.size)
-        rows = self._ordered(flat[peer * c : (peer + 1) * c][None], lambda x: mx.distributed.all_gather(x, group=self.group))
-        return rows[peer] + flat[self.rank * c : (self.rank + 1) * c]
 
-
-class TcpComm(_RingPath):
-    """The ring reduce-scatter and all-gather on plain blocking sockets of its own
-    (:class:`distopt.tcp.TcpRing`), between the hosts of the ring backend's hostfile."""
-
-    name = "tcp"
-
-    def __init__(self, group, host=None):
-        super().__init__(group)
-        from .tcp import TcpRing, ring_host
-
-        self.ring = TcpRing(group, host or ring_host())
+class _ByteRingComm(_RingPath):
+    """The ring of :class:`distopt.byte_ring.ByteRing` (``self.ring``): reads gradient
+    leaves where they lie and receives straight into MLX buffers or the new parameters."""
 
     def _reduce_scatter(self, flat, bucket):
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter([flat], bucket.counts))
@@ -330,13 +320,13 @@ class TcpComm(_RingPath):
     def reduce_scatter_segments(self, parts, bucket):
         """:meth:`reduce_scatter` of a bucket given per part as wire-order segments
         (:meth:`distopt.layout.FlatLayout.part_segments`): column-major gradient rows are
-        sent and summed as they lie in memory (:meth:`distopt.tcp.TcpRing.reduce_scatter_segments`)."""
+        sent and summed as they lie in memory (:meth:`distopt.byte_ring.ByteRing.reduce_scatter_segments`)."""
         flat = [s for segments in parts for s in segments]
         if self.size == 1 or not any(isinstance(s, ColumnBlock) for s in flat):
             return self.reduce_scatter_pieces(flat, bucket)  # nothing to read in place (or compiled)
         for k, segments in enumerate(parts):
             if sum(s.size for s in segments) != bucket.counts[k]:
-                raise ValueError(f"tcp reduce_scatter: part {k} holds {sum(s.size for s in segments)} elements, expected {bucket.counts[k]}.")
+                raise ValueError(f"{self.name} reduce_scatter: part {k} holds {sum(s.size for s in segments)} elements, expected {bucket.counts[k]}.")
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter_segments(parts, bucket.counts))
 
     def gathers_into(self, part):
@@ -347,6 +337,35 @@ class TcpComm(_RingPath):
         arrays (views of the new parameters) covering the bucket. No gathered copy."""
         self._check(part, bucket.counts[self.rank], "all_gather")
         self._moved("all_gather", lambda: self.ring.all_gather(part, bucket.counts, into=into))
+
+
+class TcpComm(_ByteRingComm):
+    """The ring on plain blocking sockets of its own (:class:`distopt.tcp.TcpRing`),
+    between the hosts of the ring backend's hostfile."""
+
+    name = "tcp"
+
+    def __init__(self, group, host=None):
+        super().__init__(group)
+        from .tcp import TcpRing, ring_host
+
+        self.ring = TcpRing(group, host or ring_host())
+
+
+class MpiRingComm(_ByteRingComm):
+    """The ring on Open MPI's non-blocking point-to-point calls through mpi4py
+    (:class:`distopt.mpi_ring.MpiRing`), on zero-copy NumPy views of MLX memory.
+    Equal parts are gathered by MLX's ``all_gather`` (``MPI_Allgather``, measured faster
+    than the ring here), except into the new parameters (no gathered copy)."""
+
+    name = "mpi4py-ring"
+    equal_parts_by_mlx = True
+
+    def __init__(self, group):
+        super().__init__(group)
+        from .mpi_ring import MpiRing
+
+        self.ring = MpiRing(_world_of(group, self.name))
 
 
 class MpiComm(_Eager):
@@ -362,12 +381,7 @@ class MpiComm(_Eager):
 
     def __init__(self, group):
         super().__init__(group)
-        self.comm = _mpi_world()
-        if self.comm.Get_size() != self.size:
-            raise ValueError(
-                f"DISTOPT_COMM=mpi4py needs the MPI world group; this group has {self.size} of "
-                f"{self.comm.Get_size()} MPI ranks."
-            )
+        self.comm = _world_of(group, self.name)
 
     def _reduce_scatter(self, flat, bucket):
         self._count_ring("reduce_scatter", bucket, flat.dtype.size)
@@ -442,6 +456,14 @@ def _mpi_world():
     return MPI.COMM_WORLD
 
 
+def _world_of(group, name):
+    """mpi4py's world communicator, refused unless ``group`` is the whole MPI world."""
+    comm = _mpi_world()
+    if comm.Get_size() != group.size():
+        raise ValueError(f"DISTOPT_COMM={name} needs the MPI world group; this group has {group.size()} of {comm.Get_size()} MPI ranks.")
+    return comm
+
+
 def make_communicator(group, equal_parts=True, choice=None):
     """The best communicator for ``group``'s backend, or the one ``choice`` names.
 
@@ -449,7 +471,7 @@ def make_communicator(group, equal_parts=True, choice=None):
         group (mx.distributed.Group): the ranks.
         equal_parts (bool): whether every bucket splits into equal parts (no
           ``shard_weights``); MLX's ``sum_scatter`` needs them.
-        choice (str, optional): ``"native"``, ``"mpi4py"``, ``"ring"``, ``"tcp"`` or ``"allsum"``;
+        choice (str, optional): ``"native"``, ``"mpi4py-ring"``, ``"mpi4py"``, ``"ring"``, ``"tcp"`` or ``"allsum"``;
           default the ``DISTOPT_COMM`` environment variable, else automatic.
     """
     backend = backend_of(group)
@@ -462,10 +484,10 @@ def make_communicator(group, equal_parts=True, choice=None):
         if not equal_parts:
             raise ValueError("MLX's sum_scatter needs equal shards; shard_weights need DISTOPT_COMM=allsum on this backend.")
         return NativeComm(group)
-    if choice == "mpi4py":
+    if choice in ("mpi4py", "mpi4py-ring"):
         if backend != "mpi":
-            raise ValueError(f"DISTOPT_COMM=mpi4py needs the mpi backend; this group runs on {backend!r}.")
-        return MpiComm(group)
+            raise ValueError(f"DISTOPT_COMM={choice} needs the mpi backend; this group runs on {backend!r}.")
+        return MpiComm(group) if choice == "mpi4py" else MpiRingComm(group)
     if choice == "tcp":
         if backend != "ring":
             raise ValueError(f"DISTOPT_COMM=tcp needs the ring backend (its hostfile's addresses); this group runs on {backend!r}.")
@@ -486,5 +508,5 @@ def _automatic(backend, equal_parts):
     if backend == "ring":
         return "tcp"  # measured faster than MLX send/recv and all_sum on the ring (README, Communication)
     if backend == "mpi":
-        return "ring"  # on MPI, measured faster than Open MPI's Reduce_scatter (README, Communication)
+        return "mpi4py-ring"  # measured faster than Open MPI's Reduce_scatter and MLX send/recv (README, Communication)
     return "allsum"

@@ -312,7 +312,8 @@ def test_tcp_send_all_resumes_partial_sends_across_views():
     skips empty views, and gathers at most 1024 views per call."""
     import numpy as np
 
-    from distopt.tcp import _byte_views, _send_all
+    from distopt.byte_ring import _byte_views
+    from distopt.tcp import _send_all
 
     class Trickle:
         def __init__(self):

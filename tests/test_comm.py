@@ -16,7 +16,7 @@ from helpers import rank_lines, run_ranks
 from distopt.comm import half_sum_op
 
 # allsum does the same on both backends; on the (slow to start) TCP ring it runs at N=2 only.
-PATHS = {"ring": ["ring", "tcp", "allsum"], "mpi": ["mpi4py", "ring", "allsum"]}
+PATHS = {"ring": ["ring", "tcp", "allsum"], "mpi": ["mpi4py-ring", "mpi4py", "ring", "allsum"]}
 
 
 def paths_for(backend, n):

@@ -11,7 +11,8 @@ For each path:
    counted per call must be the ring minimum. At N=2, random half-precision data must
    sum bitwise like MLX's own addition.
 2. ``parity``: distopt.Adamax / SGD for 3 steps on float32 + bfloat16 + float16
-   parameters (odd sizes, a buffer smaller than N elements, 64-byte buckets), equal
+   parameters (odd sizes, a buffer smaller than N elements, 64-byte buckets, a
+   column-major float32 gradient as ``nn.Linear`` gives, split across parts), equal
    and unequal shards, against ``all_sum(g) / N`` + the mlx.optimizers optimizer:
    bitwise at N<=2, within float32 (float32) or half-precision rounding at N=3,4.
    ``comm_report()`` of the equal-shard runs must equal 2(N-1)/N of the padded flat
@@ -152,6 +153,7 @@ def parity(path, group, compiled=False):
         (optim.Adamax, distopt.Adamax, dict(learning_rate=0.01), None, 64),
         (optim.SGD, distopt.SGD, dict(learning_rate=0.05, momentum=0.9, weight_decay=0.01), None, 1 << 20),
         (optim.Adamax, distopt.Adamax, dict(learning_rate=0.01), list(range(1, n + 1)), 64),
+        (optim.Adamax, distopt.Adamax, dict(learning_rate=0.01), list(range(1, n + 1)), 1 << 20),
     ]
     for mlx_cls, cls, kwargs, weights, bucket_bytes in configs[:1] if compiled else configs:
         params = make_params(mx.random.key(0))
@@ -164,6 +166,9 @@ def parity(path, group, compiled=False):
             step = partial(mx.compile, inputs=[opt.state], outputs=[opt.state])(opt.apply_gradients)
         for s in range(3):
             grads = tree_map(lambda p: (mx.random.normal(p.shape, key=mx.random.key(100 * s + rank)) * (rank + 1)).astype(p.dtype), params)
+            # nn.Linear's weight gradient is column-major: the tcp and mpi4py-ring paths send its rows as they lie
+            grads["w"] = mx.random.normal(grads["w"].shape[::-1], key=mx.random.key(100 * s + rank + 50)).T
+            mx.eval(grads)
             params = step(grads, params)
             mx.eval(params, opt.state)
             # One all_sum per eval: ranks evaluate different shards, so one graph of several
