@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import distopt
+from distopt.group import backend_of
 
 
 def main():
@@ -49,7 +50,8 @@ def main():
         peak = mx.get_peak_memory()
         del loss, grads
     planned = distopt.plan(
-        model, opt, world_size=group.size(), master_weights=args.master_weights, bucket_bytes=bucket_bytes
+        model, opt, world_size=group.size(), master_weights=args.master_weights, bucket_bytes=bucket_bytes,
+        backend=backend_of(group),
     )["stages"][args.stage]
     held = planned["parameter_bytes"] + planned["master_weight_bytes"] + planned["optimizer_state_bytes"]
     if group.rank() == 0:

@@ -141,10 +141,12 @@ class Communicator:
 
     reads_segments = False  # True: reduce_scatter_segments takes a bucket as wire-order segments (tcp)
 
+    gathers_into_leaves = False  # True: an eager step gathers into the new parameters (no gathered bucket)
+
     def gathers_into(self, part):
         """Whether :meth:`all_gather_into` can receive ``part``'s bucket straight into the
-        caller's arrays (``tcp`` outside ``mx.compile``); else use :meth:`all_gather`."""
-        return False
+        caller's arrays (``tcp``, ``mpi4py-ring`` outside ``mx.compile``); else use :meth:`all_gather`."""
+        return self.gathers_into_leaves and not traced(part)
 
     def _check(self, x, n, what):
         """Refuse a buffer of the wrong length before any rank waits on it (it would hang)."""
@@ -329,8 +331,7 @@ class _ByteRingComm(_RingPath):
                 raise ValueError(f"{self.name} reduce_scatter: part {k} holds {sum(s.size for s in segments)} elements, expected {bucket.counts[k]}.")
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter_segments(parts, bucket.counts))
 
-    def gathers_into(self, part):
-        return not traced(part)
+    gathers_into_leaves = True
 
     def all_gather_into(self, part, bucket, into):
         """:meth:`all_gather` received in place into ``into``: consecutive writable 1-D NumPy

@@ -12,7 +12,7 @@ rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
     + \\underbrace{w \\hat P / N}_{\\text{mean gradient shard}}
     + \\underbrace{R}_{\\text{reduce buffers}}
     + \\underbrace{P s + \\textstyle\\sum_{b \\in F}
-      \\big((k + 1)\\, w\\, c_b + s\\, c_b + s\\, B_b\\big)}_{\\text{update buffers}}
+      \\big((k + 1)\\, w\\, c_b + s\\, c_b + g\\, s\\, B_b\\big)}_{\\text{update buffers}}
 
 where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
 otherwise. A step works bucket by bucket, and :math:`F` is the set of buckets that can
@@ -20,9 +20,12 @@ be in flight at once: the ``IN_FLIGHT`` (3) largest at stage 1, the largest at s
 The reduce buffers :math:`R` are the flat gradient buckets of :math:`F`. The update
 buffers are what the update allocates before the old arrays go: per bucket :math:`b` of
 :math:`B_b` elements, of which this rank owns :math:`c_b`, the new state and parameter
-(or master) parts, the part in the model's dtype and the gathered bucket; plus the new
-parameters (:math:`P s`), cut out of the gathered buckets (a one-bucket buffer's are
-views of it, so its :math:`P s` is dropped). The sum is the peak of a step, less
+(or master) parts, the part in the model's dtype and the gathered bucket (:math:`g = 1`
+on NCCL/JACCL); plus the new parameters (:math:`P s`), cut out of the gathered buckets
+(a one-bucket buffer's are views of it, so its :math:`P s` is dropped). On the ring and
+MPI backends the default paths (``tcp``, ``mpi4py-ring``) gather straight into the new
+parameters: no gathered bucket (:math:`g = 0`), and every buffer's :math:`P s` is
+counted. The sum is the peak of a step, less
 activations. With shard weights, rank r's part of every bucket sets :math:`c_b`. These
 are exactly the figures of :meth:`ShardedOptimizer.memory_report`.
 """
@@ -56,6 +59,7 @@ KINDS = (
     ("total_bytes", "peak per rank"),
 )
 GiB = 1024**3
+GATHERS_INTO = {"ring": True, "mpi": True, "jaccl": False, "nccl": False}  # the backend's default path
 
 
 def plan(
@@ -73,6 +77,7 @@ def plan(
     bucket_bytes=DEFAULT_BUCKET_BYTES,
     shard_weights=None,
     usable_fraction=0.75,
+    backend="ring",
 ):
     """Bytes per rank to train a model with a sharded optimizer, at stage 1 and 2.
 
@@ -92,6 +97,9 @@ def plan(
           ``shard_weights="memory"`` sizes shards by ``memory_gb``.
         usable_fraction (float): share of a machine's memory training may use (macOS
           lets the GPU wire about 75% of it). Default ``0.75``.
+        backend (str): ``"ring"`` (default), ``"mpi"``, ``"jaccl"`` or ``"nccl"``: whether
+          the all-gather lands in the new parameters (ring, MPI) or in a gathered
+          bucket first (JACCL, NCCL; also any ``DISTOPT_COMM`` other than the default).
 
     Returns:
         dict: ``parameters``, ``world_size``, ``optimizer``, ``state_arrays``, and under
@@ -102,14 +110,16 @@ def plan(
     """
     if int(world_size) != world_size or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}.")
+    if backend not in GATHERS_INTO:
+        raise ValueError(f"backend must be one of {', '.join(GATHERS_INTO)}; got {backend!r}.")
     memory = _memory_per_rank(memory_gb, world_size)
     weights = _shard_weights(shard_weights, memory, world_size)
     sizes = _buffer_sizes(model_or_param_count, dtype)
     slots = _state_arrays(optimizer)
     options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
-    stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes)}
+    stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes, False)}
     for stage in (1, 2):
-        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes)
+        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, GATHERS_INTO[backend])
     budget = [usable_fraction * m * GiB for m in memory] if memory else None
     for figures in stages.values():
         totals = [r["total_bytes"] for r in figures["ranks"]]
@@ -125,19 +135,21 @@ def plan(
         "memory_gb": memory,
         "shard_weights": None if shard_weights is None else list(weights),
         "usable_fraction": usable_fraction,
+        "backend": backend,
         "stages": stages,
     }
 
 
-def _stage(sizes, weights, stage, slots, options, bucket_bytes):
+def _stage(sizes, weights, stage, slots, options, bucket_bytes, into):
     """Every rank's figures, and the largest rank's at the top level."""
-    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes)
+    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes, into)
     largest = max(ranks, key=lambda r: r["total_bytes"])
     return {**largest, "ranks": ranks}
 
 
-def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
-    """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula."""
+def _bytes(sizes, weights, stage, slots, options, bucket_bytes, into):
+    """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula;
+    ``into``: the all-gather lands in the new parameters (no gathered bucket)."""
     n = len(weights)
     out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
     reduce_buckets, per_bucket = [], [[] for _ in range(n)]
@@ -156,9 +168,10 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes):
             figures["optimizer_state_bytes"] += slots * shard * work
             figures["gradient_shard_bytes"] += shard * work
             # New state and parameter parts, the part in the model's dtype, the gathered bucket.
-            per_bucket[r] += [(slots + 1) * c * work + c * dtype.size + b * dtype.size for c, b in zip(parts, buckets)]
-            # New parameters cut out of several buckets (one bucket's are views of it).
-            figures["update_buffer_bytes"] += size * dtype.size if len(buckets) > 1 else 0
+            gathered = 0 if into else dtype.size
+            per_bucket[r] += [(slots + 1) * c * work + c * dtype.size + b * gathered for c, b in zip(parts, buckets)]
+            # New parameters: fresh arrays gathered into, or cut out of several buckets (one bucket's are views of it).
+            figures["update_buffer_bytes"] += size * dtype.size if into or len(buckets) > 1 else 0
     for figures, transient in zip(out, per_bucket):
         figures["optimizer_state_bytes"] += _scalar_bytes(options)
         figures["reduce_buffer_bytes"] = in_flight(reduce_buckets, stage)
@@ -288,7 +301,8 @@ def format_plan(result):
     master = "on" if result["master_weights"] else "off"
     lines = [
         f"{result['parameters']:.3g} parameters ({', '.join(result['dtypes'])}), {result['optimizer']} "
-        f"({result['state_arrays']} state arrays), {result['world_size']} ranks, master weights {master}",
+        f"({result['state_arrays']} state arrays), {result['world_size']} ranks, master weights {master}, "
+        f"backend {result['backend']}",
         f"{'bytes per rank':<24}" + "".join(f"{name:>14}" for name, _ in columns),
     ]
     unequal = len({r["total_bytes"] for r in stages[1]["ranks"]}) > 1

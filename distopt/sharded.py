@@ -447,7 +447,8 @@ class ShardedOptimizer(optim.Optimizer):
         stage 1, the largest one at stage 2. ``update_buffer_bytes``: what the update allocates
         while the old arrays are still alive (the new parameters and, per bucket in
         flight, the new state and parameter parts, the part in the model's dtype and
-        the gathered bucket). ``total_bytes``:
+        the gathered bucket, which the ``tcp`` and ``mpi4py-ring`` paths do not allocate:
+        they gather into the new parameters). ``total_bytes``:
         their sum, the expected peak of a step without activations.
         """
         scalars = sum(v.nbytes for k, v in self._state.items() if isinstance(v, mx.array))
@@ -477,15 +478,19 @@ class ShardedOptimizer(optim.Optimizer):
         """What the update allocates while the old arrays live: per bucket, the new state
         and parameter parts, the part in the model's dtype and the gathered bucket (for
         the ``IN_FLIGHT`` largest buckets at stage 1, the largest at stage 2); plus the new parameters cut
-        out of a buffer of several buckets (those of a one-bucket buffer are views of it)."""
+        out of a buffer of several buckets (those of a one-bucket buffer are views of it).
+        Where the communicator gathers into the new parameters (``tcp``, ``mpi4py-ring``)
+        there is no gathered bucket, and every buffer's new parameters are fresh arrays."""
         rank, per_bucket, new_parameters = self.group.rank(), [], 0
+        into = self.comm.gathers_into_leaves
         for name, buf in self.layout.buffers.items():
             keys, work = self._state["shards"][name], self.precision.work_dtype(buf.dtype).size
             for b, bucket in enumerate(buf.buckets):
                 c = bucket.counts[rank]
                 new_state = sum(parts[b].nbytes for key, parts in keys.items() if key != "master")
-                per_bucket.append(new_state + c * work + c * buf.dtype.size + (bucket.stop - bucket.start) * buf.dtype.size)
-            new_parameters += buf.size * buf.dtype.size if len(buf.buckets) > 1 else 0
+                gathered = 0 if into else (bucket.stop - bucket.start) * buf.dtype.size
+                per_bucket.append(new_state + c * work + c * buf.dtype.size + gathered)
+            new_parameters += buf.size * buf.dtype.size if into or len(buf.buckets) > 1 else 0
         return new_parameters + in_flight(per_bucket, self.stage)
 
 

@@ -1,6 +1,6 @@
 """The memory planner: ``distopt.plan`` and ``distopt plan`` against real figures.
 
-At N=2 (ring), for five configurations of a mixed bf16/fp32 model (master weights,
+At N=2 (ring and MPI, whose default paths gather into the new parameters), for five configurations of a mixed bf16/fp32 model (master weights,
 fp32 reduction, stage 1 and 2, small buckets, shards weighted 1:3), the planned bytes of each rank equal
 ``memory_report()`` key by key, and the report's parameter, gradient and state bytes
 equal the ``nbytes`` of the arrays the run really holds.
@@ -24,8 +24,9 @@ KEYS = [
 ]  # fmt: skip
 
 
-def test_plan_equals_memory_report_of_a_real_run_at_n2():
-    code, out, err = run_ranks(2, "plan_report.py", backend="ring", timeout=90)
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_plan_equals_memory_report_of_a_real_run_at_n2(backend):
+    code, out, err = run_ranks(2, "plan_report.py", backend=backend, timeout=90)
     assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
     for rank in range(2):
         results = [json.loads(line[5:]) for line in rank_lines(out, rank) if line.startswith("PLAN ")]
@@ -50,11 +51,17 @@ def test_plan_formula_for_a_7b_model_on_four_macs():
     bucket = 256 * 1024**2 // 2  # bf16 elements of a 256 MiB bucket; 3 may be in flight at stage 1
     assert s1["reduce_buffer_bytes"] == 3 * 2 * bucket and s2["reduce_buffer_bytes"] == 2 * bucket
     assert alone["optimizer_state_bytes"] == 2 * 4 * 7e9 + 12
-    # The new bf16 parameters, plus per bucket in flight: new m, v and master parts (fp32),
-    # the part in bf16 and the gathered bf16 bucket.
-    per_bucket = 3 * 4 * bucket // 4 + 2 * bucket // 4 + 2 * bucket
+    # The new bf16 parameters, plus per bucket in flight: new m, v and master parts (fp32)
+    # and the part in bf16; the ring's default path gathers into the new parameters.
+    per_bucket = 3 * 4 * bucket // 4 + 2 * bucket // 4
+    assert p["backend"] == "ring"
     assert s1["update_buffer_bytes"] == 14e9 + 3 * per_bucket
     assert s2["update_buffer_bytes"] == 14e9 + per_bucket
+    # On JACCL/NCCL each bucket in flight is also gathered into a bf16 bucket first.
+    rdma = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=64, master_weights=True, backend="jaccl")["stages"]
+    assert rdma[1]["update_buffer_bytes"] == 14e9 + 3 * (per_bucket + 2 * bucket)
+    assert rdma[2]["update_buffer_bytes"] == 14e9 + per_bucket + 2 * bucket
+    assert rdma["unsharded"] == alone
     assert s2["total_bytes"] < s1["total_bytes"] < alone["total_bytes"]
     assert s1["fits"] == [False] * 4 and s2["fits"] == [False] * 4  # 66.1 GiB > 75% of 64 GiB
     big = distopt.plan(7e9, "adamax", "bf16", world_size=4, memory_gb=128, master_weights=True)["stages"]
@@ -65,7 +72,7 @@ def test_plan_cli_prints_the_table():
     result = CliRunner().invoke(cli, ["plan", "--params", "7e9", "--optimizer", "adamax", "--dtype", "bf16", "-n", "4", "--memory", "128"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == "7e+09 parameters (bfloat16), Adamax (2 state arrays), 4 ranks, master weights off"
+    assert lines[0] == "7e+09 parameters (bfloat16), Adamax (2 state arrays), 4 ranks, master weights off, backend ring"
     assert lines[1].split() == ["bytes", "per", "rank", "no", "sharding", "stage", "1", "stage", "2"]
     assert lines[2].split() == ["parameters", "13.04", "GiB", "13.04", "GiB", "13.04", "GiB"]
     assert "optimizer state" in result.output and lines[-2].split()[-3:] == ["no", "yes", "yes"]
@@ -77,6 +84,7 @@ def test_plan_cli_prints_the_table():
         (["--params", "7e9", "--optimizer", "adafactor"], "Unknown optimizer 'adafactor'"),
         (["--params", "7e9", "-n", "4", "--memory", "64", "--memory", "32"], "memory_gb must be one positive number or 4"),
         (["--params", "0"], "parameter count must be a positive whole number"),
+        (["--params", "7e9", "--backend", "tcp"], "'tcp' is not one of 'ring', 'mpi', 'jaccl', 'nccl'"),
     ],
 )
 def test_plan_cli_bad_input(args, error):

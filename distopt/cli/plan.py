@@ -17,8 +17,9 @@ from ..plan import DTYPES, format_plan, plan, safetensors_sizes
 @click.option("--reduce-fp32", is_flag=True, help="Reduce half-precision gradients in fp32.")
 @click.option("--shard-by-memory", is_flag=True, help="Size each rank's shard by its --memory (shard_weights).")
 @click.option("--bucket-mb", default=DEFAULT_BUCKET_BYTES / 1024**2, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Reduction bucket size in MiB.")
+@click.option("--backend", default="ring", show_default=True, type=click.Choice(["ring", "mpi", "jaccl", "nccl"]), help="ring/mpi gather into the new parameters; jaccl/nccl through a gathered bucket.")
 @click.option("--usable", "usable_fraction", default=0.75, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Share of memory training may use.")
-def plan_command(params, weights, optimizer, dtype, world_size, memory, master_weights, reduce_fp32, shard_by_memory, bucket_mb, usable_fraction):
+def plan_command(params, weights, optimizer, dtype, world_size, memory, master_weights, reduce_fp32, shard_by_memory, bucket_mb, backend, usable_fraction):
     """Print the memory per rank of a sharded training run, and whether it fits.
 
     \b
@@ -35,7 +36,7 @@ def plan_command(params, weights, optimizer, dtype, world_size, memory, master_w
         result = plan(
             source, optimizer, dtype, world_size, list(memory) or None,
             master_weights=master_weights, reduce_dtype=mx.float32 if reduce_fp32 else None,
-            bucket_bytes=int(bucket_mb * 1024**2), usable_fraction=usable_fraction,
+            bucket_bytes=int(bucket_mb * 1024**2), usable_fraction=usable_fraction, backend=backend,
             shard_weights="memory" if shard_by_memory else None,
         )  # fmt: skip
     except ValueError as e:

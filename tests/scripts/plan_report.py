@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 import distopt
+from distopt.group import backend_of
 
 
 class Mixed(nn.Module):
@@ -53,7 +54,7 @@ def main():
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
         report = opt.memory_report()
-        planned = distopt.plan(model, opt, world_size=group.size(), memory_gb=[1, 1e-6], **kwargs)
+        planned = distopt.plan(model, opt, world_size=group.size(), memory_gb=[1, 1e-6], backend=backend_of(group), **kwargs)
         print("PLAN " + json.dumps({
             "config": f"{name} stage {stage} {sorted(kwargs)}", "rank": group.rank(), "stage": stage,
             "report": {k: v for k, v in report.items()},
