@@ -91,6 +91,8 @@ def collectives(path, group):
                     part = comm.reduce_scatter_pieces([p for p in pieces if p.size], bucket)
                     check(mx.array_equal(part.astype(mx.float32), total[lo:hi]).item(), "reduce_scatter_pieces", *where)
     empty_parts(path, group, comm)
+    if path == "mpi4py-ring":
+        split_messages(group, comm)
     print(f"OK {path} collectives ({time.perf_counter() - start:.1f} s)", flush=True)
     if n == 2:
         half_rounding(path, group, comm)
@@ -108,6 +110,28 @@ def empty_parts(path, group, comm):
     full = comm.all_gather(xs[rank][lo:hi], bucket)
     expected = mx.concatenate([xs[q][slice(*bucket.part(q))] for q in range(n)])
     check(mx.array_equal(full, expected).item(), "empty parts all_gather", path, counts)
+
+
+def split_messages(group, comm):
+    """mpi4py-ring cuts views into blocks of at most ``_MAX_BLOCK`` bytes (MPI counts are
+    C ints); with 7-byte blocks every message is a derived datatype of many blocks."""
+    import distopt.mpi_ring as mpi_ring
+
+    rank, n = group.rank(), group.size()
+    saved, mpi_ring._MAX_BLOCK = mpi_ring._MAX_BLOCK, 7
+    try:
+        for dtype in (mx.float32, mx.bfloat16):
+            layout = FlatLayout({"x": mx.zeros((1001,), dtype)}, n, 1 << 20, list(range(1, n + 1)))
+            bucket = next(iter(layout.buffers.values())).buckets[0]
+            xs = [mx.random.randint(-8, 8, (bucket.stop,), key=mx.random.key(q)).astype(dtype) for q in range(n)]
+            lo, hi = bucket.part(rank)
+            seg, cut = xs[rank], bucket.stop // 3
+            part = comm.reduce_scatter_pieces([seg[:cut], seg[cut:]], bucket)
+            check(mx.array_equal(part, sum(x.astype(mx.float32) for x in xs)[lo:hi].astype(dtype)).item(), "split reduce_scatter", dtype)
+            full = comm.all_gather(xs[rank][lo:hi], bucket)
+            check(mx.array_equal(full, mx.concatenate([xs[q][slice(*bucket.part(q))] for q in range(n)])).item(), "split all_gather", dtype)
+    finally:
+        mpi_ring._MAX_BLOCK = saved
 
 
 def half_rounding(path, group, comm):
