@@ -240,10 +240,11 @@ class _Eager(Communicator):
     def all_gather(self, part, bucket):
         """The whole bucket from every rank's ``part``."""
         self._check(part, bucket.counts[self.rank], "all_gather")
-        if len(set(bucket.counts)) == 1 and (traced(part) or self.equal_parts_by_mlx):
+        compiled = traced(part)
+        if len(set(bucket.counts)) == 1 and (compiled or self.equal_parts_by_mlx):
             self._count_ring("all_gather", bucket, part.dtype.size)
             return self._ordered(part, lambda x: mx.distributed.all_gather(x, group=self.group))
-        if not traced(part):
+        if not compiled:
             return self._all_gather(part, bucket)
         self._warn_compiled()
         return self.fallback.all_gather(part, bucket)
@@ -501,6 +502,13 @@ def make_communicator(group, equal_parts=True, choice=None):
     comm = AllSumComm(group)
     comm.lazy = backend in ("nccl", "jaccl")
     return comm
+
+
+def gathers_into_leaves_by_default(backend):
+    """Whether ``backend``'s automatic path gathers straight into the new parameters
+    (no gathered bucket): what :func:`distopt.plan` counts."""
+    path = _automatic(backend, equal_parts=True)
+    return {"tcp": TcpComm, "mpi4py-ring": MpiRingComm}.get(path, Communicator).gathers_into_leaves
 
 
 def _automatic(backend, equal_parts):

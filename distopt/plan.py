@@ -39,6 +39,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from .comm import gathers_into_leaves_by_default
 from .layout import DEFAULT_BUCKET_BYTES, cut_buckets, dtype_name
 from .precision import Precision
 from .sharded import ELEMENTWISE, ShardedOptimizer, in_flight
@@ -59,7 +60,7 @@ KINDS = (
     ("total_bytes", "peak per rank"),
 )
 GiB = 1024**3
-GATHERS_INTO = {"ring": True, "mpi": True, "jaccl": False, "nccl": False}  # the backend's default path
+BACKENDS = ("ring", "mpi", "jaccl", "nccl")
 
 
 def plan(
@@ -110,8 +111,8 @@ def plan(
     """
     if int(world_size) != world_size or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}.")
-    if backend not in GATHERS_INTO:
-        raise ValueError(f"backend must be one of {', '.join(GATHERS_INTO)}; got {backend!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
     memory = _memory_per_rank(memory_gb, world_size)
     weights = _shard_weights(shard_weights, memory, world_size)
     sizes = _buffer_sizes(model_or_param_count, dtype)
@@ -119,7 +120,7 @@ def plan(
     options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
     stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes, False)}
     for stage in (1, 2):
-        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, GATHERS_INTO[backend])
+        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, gathers_into_leaves_by_default(backend))
     budget = [usable_fraction * m * GiB for m in memory] if memory else None
     for figures in stages.values():
         totals = [r["total_bytes"] for r in figures["ranks"]]

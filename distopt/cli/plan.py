@@ -3,7 +3,7 @@
 import click
 
 from ..layout import DEFAULT_BUCKET_BYTES
-from ..plan import DTYPES, format_plan, plan, safetensors_sizes
+from ..plan import BACKENDS, DTYPES, format_plan, plan, safetensors_sizes
 
 
 @click.command("plan", short_help="Memory per rank for a model, optimizer and N; does it fit?")
@@ -17,7 +17,7 @@ from ..plan import DTYPES, format_plan, plan, safetensors_sizes
 @click.option("--reduce-fp32", is_flag=True, help="Reduce half-precision gradients in fp32.")
 @click.option("--shard-by-memory", is_flag=True, help="Size each rank's shard by its --memory (shard_weights).")
 @click.option("--bucket-mb", default=DEFAULT_BUCKET_BYTES / 1024**2, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Reduction bucket size in MiB.")
-@click.option("--backend", default="ring", show_default=True, type=click.Choice(["ring", "mpi", "jaccl", "nccl"]), help="ring/mpi gather into the new parameters; jaccl/nccl through a gathered bucket.")
+@click.option("--backend", default="ring", show_default=True, type=click.Choice(BACKENDS), help="ring/mpi gather into the new parameters; jaccl/nccl through a gathered bucket.")
 @click.option("--usable", "usable_fraction", default=0.75, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Share of memory training may use.")
 def plan_command(params, weights, optimizer, dtype, world_size, memory, master_weights, reduce_fp32, shard_by_memory, bucket_mb, backend, usable_fraction):
     """Print the memory per rank of a sharded training run, and whether it fits.
