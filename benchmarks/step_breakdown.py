@@ -6,7 +6,8 @@ socket calls of a step, and prints on rank 0, per step, the milliseconds spent i
 - ``flatten``: evaluating a bucket's gradient pieces (the flattening copies);
 - ``receive buffers``: allocating the MLX buffers that sockets or MPI write into
   (the reduce-scatter results and, on ``tcp``, the new parameter arrays);
-- ``socket exchanges`` and ``adds``: the ``tcp`` ring's send/receive steps and in-place sums;
+- ``socket exchanges`` / ``mpi exchanges`` and ``adds``: the ``tcp`` / ``mpi4py-ring``
+  ring's send/receive steps and in-place sums;
 - ``update``: evaluating the compiled optimizer update of this rank's part (with the
   parameter part it reads, and on ``tcp`` putting the reduced part back in row order);
 - other evaluations, by caller.
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_step_probe  # noqa: E402
 
-from distopt import buffers, byte_ring, comm, layout, sharded, tcp  # noqa: E402
+from distopt import buffers, byte_ring, comm, layout, mpi_ring, sharded, tcp  # noqa: E402
 from distopt import evaluation  # noqa: E402
 
 spent = collections.defaultdict(list)
@@ -79,6 +80,7 @@ allocate = timer("receive buffers", buffers.receive_buffer)
 comm.receive_buffer = byte_ring.receive_buffer = layout.receive_buffer = allocate
 comm.numpy_view = byte_ring.numpy_view = numpy_view
 tcp.TcpRing._step = timer("socket exchanges", tcp.TcpRing._step)
+mpi_ring.MpiRing._step = timer("mpi exchanges", mpi_ring.MpiRing._step)
 byte_ring._add_into = timer("adds", byte_ring._add_into)
 atexit.register(report)
 
