@@ -8,7 +8,6 @@ barrier) so load on the machine hits both alike:
     distopt launch -n 4 --backend mpi  benchmarks/bench_comm.py --sizes 4,64,256
     distopt launch -n 2 --backend ring benchmarks/bench_comm.py --paths ring,allsum --bucket-mib 4,16,64,0
     distopt launch -n 2 --backend ring benchmarks/bench_comm.py --mlx-cache-gb 8   # as a Mac's allocator
-    distopt launch -n 2 --backend mpi  benchmarks/bench_comm.py --sizes 4,16 --scratch-mib 8,0
 
 ``distopt`` = reduce-scatter of a float32 buffer of SIZE MiB, bucket by bucket, then
 all-gather of the parts (what a ZeRO step communicates); ``all_sum`` = one
@@ -16,9 +15,7 @@ all-gather of the parts (what a ZeRO step communicates); ``all_sum`` = one
 Both move 2(N-1)/N of the buffer, so the ideal ratio is 1.0. ``--paths auto`` uses
 the communicator distopt picks for the backend (NCCL/JACCL: MLX's ``sum_scatter``).
 ``--bucket-mib 0`` means one bucket for the whole buffer. Rank 0 prints one line per
-(path, bucket, scratch, size): median milliseconds of each and their ratio.
-``--scratch-mib 8,0`` compares, size by size, the ring paths with and without their
-kept receive scratch (``distopt.byte_ring.SCRATCH_BYTES``; README, "Receive scratch").
+(path, bucket, size): median milliseconds of each and their ratio.
 """
 
 import argparse
@@ -29,7 +26,6 @@ import time
 import mlx.core as mx
 
 import distopt
-from distopt import byte_ring
 from distopt.comm import make_communicator
 from distopt.group import backend_of
 from distopt.layout import DEFAULT_BUCKET_BYTES, FlatLayout
@@ -86,10 +82,6 @@ def main():
     parser.add_argument("--bucket-mib", default=str(DEFAULT_BUCKET_BYTES // MIB), help="bucket sizes in MiB; 0 = one bucket")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument(
-        "--scratch-mib", default=str(byte_ring.SCRATCH_BYTES // MIB),
-        help="ring paths: largest last reduce-scatter part received into kept scratch, MiB, comma-separated to compare (0 = none)",
-    )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="keep the buffers on the CPU (MLX CUDA builds)")
     parser.add_argument(
         "--mlx-cache-gb", type=float, default=None,
@@ -107,19 +99,14 @@ def main():
     if rank0:
         cache = f", mlx cache limit {args.mlx_cache_gb:g} GiB" if args.mlx_cache_gb is not None else ""
         print(f"backend {backend_of(group)}, {group.size()} ranks, median of {args.reps} reps after {args.warmup} warm-up{cache}")
-        print(f"{'path':>8} {'bucket':>8} {'buckets':>7} {'scratch':>7} {'MiB':>5} {'distopt ms':>11} {'all_sum ms':>11} {'ratio':>6}")
+        print(f"{'path':>8} {'bucket':>8} {'buckets':>7} {'MiB':>5} {'distopt ms':>11} {'all_sum ms':>11} {'ratio':>6}")
     runs = itertools.product(args.paths.split(","), map(float, args.bucket_mib.split(",")), map(int, args.sizes.split(",")))
     for path, bucket_mib, mib in runs:
-        for scratch_mib in map(float, args.scratch_mib.split(",")):  # innermost: compared side by side
-            byte_ring.SCRATCH_BYTES = int(scratch_mib * MIB)
-            bucket_bytes = int(bucket_mib * MIB)
-            name, buckets, ours, theirs = bench(group, path, bucket_bytes, mib, args.reps, args.warmup)
-            if rank0:
-                label = f"{bucket_mib:g}M" if bucket_bytes else "whole"
-                print(
-                    f"{name:>8} {label:>8} {buckets:>7} {scratch_mib:>6g}M {mib:>5} {ours * 1e3:>11.1f} {theirs * 1e3:>11.1f} {ours / theirs:>6.2f}",
-                    flush=True,
-                )
+        bucket_bytes = int(bucket_mib * MIB)
+        name, buckets, ours, theirs = bench(group, path, bucket_bytes, mib, args.reps, args.warmup)
+        if rank0:
+            label = f"{bucket_mib:g}M" if bucket_bytes else "whole"
+            print(f"{name:>8} {label:>8} {buckets:>7} {mib:>5} {ours * 1e3:>11.1f} {theirs * 1e3:>11.1f} {ours / theirs:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

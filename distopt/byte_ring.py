@@ -11,10 +11,6 @@ In step ``s = 0 .. N-2`` of the reduce-scatter rank r sends its running sum of p
 ``r - s - 1`` and receives the running sum of part ``r - s - 2``, to which it adds its
 own values in place (half precision rounded as MLX adds), ending with the sum of its
 own part: ``P - counts[r]`` elements sent, ``P - counts[r-1]`` received, the minimum.
-The last step receives the running sum into a buffer the ring keeps between calls
-(parts of at most ``SCRATCH_BYTES``) and MLX adds this rank's values into a fresh
-result: MLX cannot allocate without filling, and a zero-filled result buffer plus an
-add in place cost more (README, "Receive scratch").
 The all-gather passes the finished parts round the same ring (N - 1 steps) and
 receives each straight into its place in the output (or the caller's arrays).
 Every step sends while receiving, so no rank waits on one that is itself sending: no
@@ -24,31 +20,16 @@ run at once (a thread for sockets, non-blocking calls for MPI).
 
 import itertools
 
-import mlx.core as mx
 import numpy as np
 
 from .buffers import HALF, as_dtype, numpy_view, receive_buffer
 from .comm import half_sum_op
 from .layout import ColumnBlock, dtype_name, join, spans
 
-SCRATCH_BYTES = 8 * 1024**2  # the largest part received into kept scratch, per dtype (README, "Receive scratch")
-
-
-def scratch_bytes(parts):
-    """Bytes a :class:`ByteRing` keeps for receiving, given this rank's parts as
-    ``(dtype name, bytes)`` pairs: per dtype, the largest part of at most ``SCRATCH_BYTES``."""
-    largest = {}
-    for name, nbytes in parts:
-        if nbytes <= SCRATCH_BYTES:
-            largest[name] = max(largest.get(name, 0), nbytes)
-    return sum(largest.values())
-
 
 class ByteRing:
     """The ring algorithms; a subclass gives the transport (:meth:`_step`) and sets
     ``rank``, ``size`` and the byte counters ``sent`` and ``received``."""
-
-    _scratches = None  # dtype name -> the kept receive buffer (see :meth:`_scratch`)
 
     def _step(self, outgoing, incoming):
         """Send the byte views ``outgoing`` (in order) to rank r + 1 while receiving into
@@ -63,8 +44,7 @@ class ByteRing:
         if self.size == 1:
             return join(pieces)  # the sum over one rank
         flat = _Pieces([numpy_view(p) for p in pieces])
-        mine = _Pieces(pieces).range(starts[self.rank], starts[self.rank + 1])
-        return self._ring_sum([flat.range(starts[k], starts[k + 1]) for k in range(self.size)], counts, dtype, mine)
+        return self._ring_sum([flat.range(starts[k], starts[k + 1]) for k in range(self.size)], counts, dtype)
 
     def reduce_scatter_segments(self, parts, counts):
         """:meth:`reduce_scatter` of a bucket given per part as wire-order segments
@@ -82,16 +62,13 @@ class ByteRing:
             pos += segment.size
         return join(pieces) if pieces else out
 
-    def _ring_sum(self, own, counts, dtype, mine=None):
+    def _ring_sum(self, own, counts, dtype):
         """The N - 1 ring steps of a reduce-scatter; ``own[k]`` are this rank's NumPy views
         of part k (any shapes; their bytes in order are the part). Returns the MLX buffer
-        holding the sum of this rank's part, in the same order. ``mine``: this rank's part
-        as MLX arrays, to finish in MLX (:meth:`_finish_in_mlx`) when it is small."""
+        holding the sum of this rank's part, in the same order."""
         acc = own[(self.rank - 1) % self.size]
         for s in range(self.size - 1):
             k = (self.rank - s - 2) % self.size
-            if s == self.size - 2 and mine and 0 < counts[k] * dtype.size <= SCRATCH_BYTES:
-                return self._finish_in_mlx(acc, mine, counts[k], dtype)
             if s == self.size - 2:  # k is this rank's part: the result, an MLX buffer
                 out = receive_buffer(counts[k], dtype)
                 got = np.asarray(out)
@@ -101,25 +78,6 @@ class ByteRing:
             _add_into(got, own[k], dtype)
             acc = [got]
         return as_dtype(out, dtype)
-
-    def _finish_in_mlx(self, acc, mine, n, dtype):
-        """The last ring step: send ``acc`` on, receive the running sum of this rank's part
-        into the kept scratch and return ``join(mine)`` + it, added by MLX into a fresh
-        buffer (evaluated, so the scratch is free again)."""
-        scratch = self._scratch(n, dtype)
-        self._step([v for a in acc for v in _byte_views(a)], [_bytes(np.asarray(scratch)[:n])])
-        out = join(mine) + as_dtype(scratch, dtype)[:n]
-        mx.eval(out)
-        return out
-
-    def _scratch(self, n, dtype):
-        """The kept receive buffer for ``dtype`` (half precision as uint16), of at least ``n``
-        elements: grown to the largest part asked for (see :func:`scratch_bytes`)."""
-        self._scratches = self._scratches or {}
-        kept = self._scratches.get(dtype_name(dtype))
-        if kept is None or kept.size < n:
-            kept = self._scratches[dtype_name(dtype)] = receive_buffer(n, dtype)
-        return kept
 
     def all_gather(self, part, counts, into=None):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements).

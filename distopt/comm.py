@@ -143,8 +143,6 @@ class Communicator:
 
     gathers_into_leaves = False  # True: an eager step gathers into the new parameters (no gathered bucket)
 
-    keeps_receive_scratch = False  # True: small parts are received into kept buffers (distopt.byte_ring.scratch_bytes)
-
     def gathers_into(self, part):
         """Whether :meth:`all_gather_into` can receive ``part``'s bucket straight into the
         caller's arrays (``tcp``, ``mpi4py-ring`` outside ``mx.compile``); else use :meth:`all_gather`."""
@@ -335,7 +333,6 @@ class _ByteRingComm(_RingPath):
         return self._moved("reduce_scatter", lambda: self.ring.reduce_scatter_segments(parts, bucket.counts))
 
     gathers_into_leaves = True
-    keeps_receive_scratch = True
 
     def all_gather_into(self, part, bucket, into):
         """:meth:`all_gather` received in place into ``into``: consecutive writable 1-D NumPy
@@ -507,11 +504,11 @@ def make_communicator(group, equal_parts=True, choice=None):
     return comm
 
 
-def default_path(backend):
-    """The communicator class of ``backend``'s automatic path (equal parts): whether it
-    gathers into the new parameters and keeps a receive scratch is what :func:`distopt.plan` counts."""
+def gathers_into_leaves_by_default(backend):
+    """Whether ``backend``'s automatic path gathers straight into the new parameters
+    (no gathered bucket): what :func:`distopt.plan` counts."""
     path = _automatic(backend, equal_parts=True)
-    return {"native": NativeComm, "tcp": TcpComm, "mpi4py-ring": MpiRingComm}.get(path, AllSumComm)
+    return {"tcp": TcpComm, "mpi4py-ring": MpiRingComm}.get(path, Communicator).gathers_into_leaves
 
 
 def _automatic(backend, equal_parts):

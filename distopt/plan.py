@@ -25,8 +25,7 @@ on NCCL/JACCL); plus the new parameters (:math:`P s`), cut out of the gathered b
 (a one-bucket buffer's are views of it, so its :math:`P s` is dropped). On the ring and
 MPI backends the default paths (``tcp``, ``mpi4py-ring``) gather straight into the new
 parameters: no gathered bucket (:math:`g = 0`), and every buffer's :math:`P s` is
-counted; they also keep :math:`S`, per reduce dtype the largest part :math:`c_b` of at
-most 8 MiB, to receive small parts into (elsewhere :math:`S = 0`). The sum is the peak of a step, less
+counted. The sum is the peak of a step, less
 activations. With shard weights, rank r's part of every bucket sets :math:`c_b`. These
 are exactly the figures of :meth:`ShardedOptimizer.memory_report`.
 """
@@ -40,8 +39,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .byte_ring import scratch_bytes
-from .comm import default_path
+from .comm import gathers_into_leaves_by_default
 from .layout import DEFAULT_BUCKET_BYTES, cut_buckets, dtype_name
 from .precision import Precision
 from .sharded import ELEMENTWISE, ShardedOptimizer, in_flight
@@ -59,7 +57,6 @@ KINDS = (
     ("gradient_shard_bytes", "mean gradient shard"),
     ("reduce_buffer_bytes", "reduce buffers"),
     ("update_buffer_bytes", "update buffers"),
-    ("receive_scratch_bytes", "receive scratch"),
     ("total_bytes", "peak per rank"),
 )
 GiB = 1024**3
@@ -121,9 +118,9 @@ def plan(
     sizes = _buffer_sizes(model_or_param_count, dtype)
     slots = _state_arrays(optimizer)
     options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
-    stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes, None)}
+    stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes, False)}
     for stage in (1, 2):
-        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, default_path(backend))
+        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, gathers_into_leaves_by_default(backend))
     budget = [usable_fraction * m * GiB for m in memory] if memory else None
     for figures in stages.values():
         totals = [r["total_bytes"] for r in figures["ranks"]]
@@ -144,21 +141,19 @@ def plan(
     }
 
 
-def _stage(sizes, weights, stage, slots, options, bucket_bytes, path):
+def _stage(sizes, weights, stage, slots, options, bucket_bytes, into):
     """Every rank's figures, and the largest rank's at the top level."""
-    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes, path)
+    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes, into)
     largest = max(ranks, key=lambda r: r["total_bytes"])
     return {**largest, "ranks": ranks}
 
 
-def _bytes(sizes, weights, stage, slots, options, bucket_bytes, path):
+def _bytes(sizes, weights, stage, slots, options, bucket_bytes, into):
     """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula;
-    ``path``: the communicator class (None: one rank), whose ``gathers_into_leaves``
-    means no gathered bucket and ``keeps_receive_scratch`` a kept buffer for small parts."""
+    ``into``: the all-gather lands in the new parameters (no gathered bucket)."""
     n = len(weights)
-    into = path is not None and path.gathers_into_leaves
     out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
-    reduce_buckets, per_bucket, received = [], [[] for _ in range(n)], [[] for _ in range(n)]
+    reduce_buckets, per_bucket = [], [[] for _ in range(n)]
     for dtype, size in sizes.items():
         work = options.work_dtype(dtype).size
         reduce = (options.reduce_dtype or dtype).size
@@ -167,7 +162,6 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes, path):
         reduce_buckets += [b * reduce for b in buckets]
         for r, figures in enumerate(out):
             parts = [b.counts[r] for b in cut]
-            received[r] += [(dtype_name(options.reduce_dtype or dtype), c * reduce) for c in parts]
             shard = sum(parts)
             figures["parameter_bytes"] += size * dtype.size
             figures["gradient_bytes"] += size * dtype.size
@@ -179,9 +173,8 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes, path):
             per_bucket[r] += [(slots + 1) * c * work + c * dtype.size + b * gathered for c, b in zip(parts, buckets)]
             # New parameters: fresh arrays gathered into, or cut out of several buckets (one bucket's are views of it).
             figures["update_buffer_bytes"] += size * dtype.size if into or len(buckets) > 1 else 0
-    for figures, transient, parts in zip(out, per_bucket, received):
+    for figures, transient in zip(out, per_bucket):
         figures["optimizer_state_bytes"] += _scalar_bytes(options)
-        figures["receive_scratch_bytes"] = scratch_bytes(parts) if path is not None and path.keeps_receive_scratch else 0
         figures["reduce_buffer_bytes"] = in_flight(reduce_buckets, stage)
         figures["update_buffer_bytes"] += in_flight(transient, stage)
         figures["total_bytes"] = sum(figures.values())

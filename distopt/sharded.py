@@ -26,11 +26,10 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import precision, validate, watchdog
-from .byte_ring import scratch_bytes
 from .comm import Communicator, make_communicator
 from .evaluation import traced
 from .group import DistoptError, all_gather_object, init
-from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, dtype_name, join
+from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, join
 
 # Optimizers whose update of an element depends on that element alone, so the
 # update of a flat shard equals the update of every parameter in it.
@@ -449,9 +448,7 @@ class ShardedOptimizer(optim.Optimizer):
         while the old arrays are still alive (the new parameters and, per bucket in
         flight, the new state and parameter parts, the part in the model's dtype and
         the gathered bucket, which the ``tcp`` and ``mpi4py-ring`` paths do not allocate:
-        they gather into the new parameters). ``receive_scratch_bytes``: what those two
-        paths keep for receiving parts of at most 8 MiB (per dtype, the largest such part
-        of this rank; :func:`distopt.byte_ring.scratch_bytes`). ``total_bytes``:
+        they gather into the new parameters). ``total_bytes``:
         their sum, the expected peak of a step without activations.
         """
         scalars = sum(v.nbytes for k, v in self._state.items() if isinstance(v, mx.array))
@@ -472,22 +469,10 @@ class ShardedOptimizer(optim.Optimizer):
             "gradient_shard_bytes": sum(b.shard_size(rank) * self.precision.work_dtype(b.dtype).size for b in buffers.values()),
             "reduce_buffer_bytes": in_flight(buckets, self.stage),
             "update_buffer_bytes": self._update_buffer_bytes(),
-            "receive_scratch_bytes": self._receive_scratch_bytes(),
         }
         report["total_bytes"] = sum(report.values())
         report.update(optimizer_state_bytes_unsharded=scalars + unsharded, world_size=self.group.size(), stage=self.stage)
         return report
-
-    def _receive_scratch_bytes(self):
-        """The buffers a ring path keeps for receiving small parts (:func:`distopt.byte_ring.scratch_bytes`)."""
-        if not self.comm.keeps_receive_scratch:
-            return 0
-        rank, reduce = self.group.rank(), self.precision.reduce_dtype
-        return scratch_bytes(
-            (dtype_name(reduce or buf.dtype), bucket.counts[rank] * (reduce or buf.dtype).size)
-            for buf in self.layout.buffers.values()
-            for bucket in buf.buckets
-        )
 
     def _update_buffer_bytes(self):
         """What the update allocates while the old arrays live: per bucket, the new state

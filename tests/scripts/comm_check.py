@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import distopt
 from distopt.comm import make_communicator
-from distopt.layout import Bucket, FlatLayout, dtype_name
+from distopt.layout import Bucket, FlatLayout
 
 SIZES = (1, 3, 5, 64, 1001, 100003)
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
@@ -93,8 +93,6 @@ def collectives(path, group):
     empty_parts(path, group, comm)
     if path == "mpi4py-ring":
         split_messages(group, comm)
-    if path in ("tcp", "mpi4py-ring"):
-        kept_scratch(group, comm)
     print(f"OK {path} collectives ({time.perf_counter() - start:.1f} s)", flush=True)
     if n == 2:
         half_rounding(path, group, comm)
@@ -134,30 +132,6 @@ def split_messages(group, comm):
             check(mx.array_equal(full, mx.concatenate([xs[q][slice(*bucket.part(q))] for q in range(n)])).item(), "split all_gather", dtype)
     finally:
         mpi_ring._MAX_BLOCK = saved
-
-
-def kept_scratch(group, comm):
-    """Parts of at most ``SCRATCH_BYTES`` (here 400) are received into one kept buffer per
-    dtype, the size of the largest such part (what memory_report counts); larger parts
-    into a fresh buffer. Both sum right."""
-    import distopt.byte_ring as byte_ring
-
-    rank, n = group.rank(), group.size()
-    saved, byte_ring.SCRATCH_BYTES = byte_ring.SCRATCH_BYTES, 400
-    comm.ring._scratches = None
-    try:
-        seen = []
-        for count, dtype in ((60, mx.float32), (100, mx.float32), (101, mx.float32), (150, mx.bfloat16), (60, mx.float32)):
-            bucket = Bucket(0, count * n, (count,) * n)
-            xs = [mx.random.randint(-8, 8, (count * n,), key=mx.random.key(q + count)).astype(dtype) for q in range(n)]
-            part = comm.reduce_scatter(xs[rank], bucket)
-            total = sum(x.astype(mx.float32) for x in xs)[rank * count : (rank + 1) * count]
-            check(part.dtype == dtype and mx.array_equal(part.astype(mx.float32), total).item(), "kept scratch reduce_scatter", count, dtype)
-            seen.append((dtype_name(dtype), count * dtype.size))
-        kept = sum(v.nbytes for v in comm.ring._scratches.values())
-        check(kept == byte_ring.scratch_bytes(seen) == 100 * 4 + 150 * 2, "kept scratch bytes", kept)
-    finally:
-        byte_ring.SCRATCH_BYTES = saved
 
 
 def half_rounding(path, group, comm):

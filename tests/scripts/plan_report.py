@@ -62,7 +62,6 @@ def main():
             "fits": planned["stages"][stage]["fits"],
             "arrays": {
                 "parameters": nbytes(model.parameters()), "gradients": nbytes(grads), "state": nbytes(opt.state),
-                "scratch": sum(v.nbytes for v in (getattr(getattr(opt.comm, "ring", None), "_scratches", None) or {}).values()),
             },
         }), flush=True)  # fmt: skip
 
