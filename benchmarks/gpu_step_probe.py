@@ -38,6 +38,7 @@ def main():
     p.add_argument("--params", type=float, default=1e9)
     p.add_argument("--bucket-mb", type=float, default=64)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=256, help="rows per rank (distopt bench uses 16 on CPU)")
     p.add_argument("--model", default="square", help="square (4-layer MLP) or a distopt bench model: mlp, transformer")
     a = p.parse_args()
     group = distopt.init()
@@ -47,12 +48,12 @@ def main():
     mx.random.seed(0)
     if a.model == "square":
         model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(4)])
-        x = mx.random.normal((256, width))
+        x = mx.random.normal((a.batch, width))
         loss_and_grad = nn.value_and_grad(model, lambda m: m(x).square().mean())
     else:
         from distopt.bench.models import mlx_model
 
-        cfg = {"rank": group.rank(), "batch": 256, "lm_batch": 8, "seq": 256}
+        cfg = {"rank": group.rank(), "batch": a.batch, "lm_batch": 8, "seq": 256}
         model, loss_fn, (x, y) = mlx_model(a.model, int(a.params), cfg)
         loss_and_grad = lambda m: nn.value_and_grad(m, loss_fn)(m, x, y)  # noqa: E731
     if a.variant.startswith("mlx_dp"):

@@ -57,3 +57,14 @@ def test_state_memory_is_one_nth_within_padding(n):
         padding = r["padded_elements"] * 4 * state_arrays
         assert sharded * n == unsharded + padding, r
         assert padding < n * 4 * state_arrays
+
+
+def test_cpu_step_writes_the_new_state_into_the_old_states_memory():
+    """One compiled kernel per output on the CPU lets MLX donate each old state array to
+    its successor: every state part of every bucket keeps its address from step to step
+    (a kernel of several outputs would allocate fresh memory for each)."""
+    code, out, err = run_ranks(2, "state_in_place.py", backend="ring", timeout=90)
+    assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    for rank in range(2):
+        lines = [json.loads(line[8:]) for line in rank_lines(out, rank) if line.startswith("INPLACE ")]
+        assert lines == [{"adamax": [18, 18], "adagrad": [9, 9], "sgd_momentum": [9, 9]}], out[-3000:]

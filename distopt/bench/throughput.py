@@ -9,8 +9,9 @@ BYTES_PER_ELEMENT_ADAMAX = 28  # read p, g, m, v and write p, m, v: 7 float32 ar
 def update_throughput(elements, repeats=10, device=None):
     """GB/s of the Adamax update on flat float32 arrays: eager, compiled, and a compiled copy.
 
-    ``compiled`` is the kernel distopt runs on each rank's shard (MLX's own
-    ``Adamax.apply_single`` under ``mx.compile``). The reference ``copy`` is a compiled
+    ``compiled`` is the kernel distopt runs on each rank's shard on a GPU (MLX's own
+    ``Adamax.apply_single`` under ``mx.compile``; on the CPU distopt compiles one kernel
+    per output instead, see ``ShardedOptimizer._update``). The reference ``copy`` is a compiled
     element-wise kernel over the same 7 arrays (reads p, g, m, v; writes 3 sums), so all
     three move ``28 * elements`` bytes per call.
     """
