@@ -275,9 +275,9 @@ class ShardedOptimizer(optim.Optimizer):
         if "master" in shard:
             shard["master"][b] = param
         del state  # the old arrays are now the kernels' inputs only: theirs to write into
-        if self._kernels and not traced(param):
-            mx.async_eval(param)  # first: it reads the old state, which the other kernels then write into
-            mx.async_eval(list(new_state.values()))
+        if self._kernels and not traced(param):  # evaluates the parameter part, which reads the old
+            mx.async_eval(list(new_state.values()))  # state, first; these kernels then write into it
+            # (scheduled together, the parameter kernel's reference sometimes outlives its run)
         return param.astype(buf.dtype)
 
     def _update(self, hyper, grad, param, state, coefficient, ok, divisor):
