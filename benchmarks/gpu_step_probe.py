@@ -13,10 +13,13 @@ step, and ``host_ms``: how long ``opt.update`` took to return (graph building, w
 early: one graph), ``s1_compiled`` (stage 1, the update compiled with ``mx.compile``);
 ``s1_wK`` allows K buckets in flight at stage 1; ``once`` / ``noprefetch`` in the name drop the scheduling after each reduction / of each
 flat bucket before its collective; ``_keep`` keeps MLX's buffer cache between steps (otherwise cleared before each timed step);
-``_cache`` raises MLX's cache limit to 8 GiB (on Linux CPU it is 32 MiB).
+``_cache`` raises MLX's cache limit to 8 GiB (on Linux CPU it is 32 MiB); ``_peroutput`` runs
+the update as one compiled kernel per output, as distopt does on the CPU (the GPU default
+is one fused kernel).
 """
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -69,6 +72,15 @@ def main():
         if "once" in a.variant:  # schedule each bucket once, after its gather (not after its reduction)
             settle = opt._settle
             opt._settle = lambda arrays: settle(arrays) if isinstance(arrays, list) else None
+        if "peroutput" in a.variant:  # the CPU's kernel per output, on any device
+
+            def per_output(*args):
+                for key in (None, *args[3]):
+                    if key not in opt._kernels:
+                        opt._kernels[key] = mx.compile(functools.partial(opt._one_output, key))
+                return opt._kernels[None](*args), {key: opt._kernels[key](*args) for key in args[3]}
+
+            opt._kernel = per_output
         if "noprefetch" in a.variant:  # the communicator does not schedule each flat bucket first
             check = distopt_comm.traced
             distopt_comm.traced = lambda x, wait=True: False if not wait else check(x)
