@@ -19,7 +19,6 @@ is one fused kernel).
 """
 
 import argparse
-import functools
 import json
 import math
 import re
@@ -73,14 +72,7 @@ def main():
             settle = opt._settle
             opt._settle = lambda arrays: settle(arrays) if isinstance(arrays, list) else None
         if "peroutput" in a.variant:  # the CPU's kernel per output, on any device
-
-            def per_output(*args):
-                for key in (None, *args[3]):
-                    if key not in opt._kernels:
-                        opt._kernels[key] = mx.compile(functools.partial(opt._one_output, key))
-                return opt._kernels[None](*args), {key: opt._kernels[key](*args) for key in args[3]}
-
-            opt._kernel = per_output
+            opt._kernel = opt._update_per_output
         if "noprefetch" in a.variant:  # the communicator does not schedule each flat bucket first
             check = distopt_comm.traced
             distopt_comm.traced = lambda x, wait=True: False if not wait else check(x)

@@ -295,6 +295,11 @@ class ShardedOptimizer(optim.Optimizer):
         args = (hyper, grad, param, state, coefficient, ok, divisor)
         if mx.default_device() != mx.cpu or traced(grad):
             return self._kernel(*args)
+        return self._update_per_output(*args)
+
+    def _update_per_output(self, hyper, grad, param, state, coefficient, ok, divisor):
+        """:meth:`_update_shard` as one compiled kernel per output (compiled once per key)."""
+        args = (hyper, grad, param, state, coefficient, ok, divisor)
         for key in (None, *state):
             if key not in self._kernels:
                 self._kernels[key] = mx.compile(functools.partial(self._one_output, key))
