@@ -4,7 +4,8 @@ Each class builds the matching ``mlx.optimizers`` optimizer (so defaults, valida
 errors and update math are MLX's own) and shards it with :class:`ShardedOptimizer`.
 The keyword-only ``group``, ``stage``, ``bucket_bytes``, ``shard_weights`` and the
 precision options (``master_weights``, ``reduce_dtype``, ``max_norm``,
-``skip_nonfinite``, ``loss_scale``) are those of :class:`ShardedOptimizer`.
+``skip_nonfinite``, ``loss_scale``) and ``cache_step_buffers`` are those of
+:class:`ShardedOptimizer`.
 """
 
 from typing import Callable, List, Union
@@ -54,12 +55,13 @@ class SGD(ShardedOptimizer):
         max_norm=None,
         skip_nonfinite: bool = False,
         loss_scale=None,
+        cache_step_buffers: bool = True,
     ):
         inner = optim.SGD(learning_rate, momentum, weight_decay, dampening, nesterov)
         super().__init__(
             inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
             master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
-            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, cache_step_buffers=cache_step_buffers,
         )  # fmt: skip
 
 
@@ -94,12 +96,13 @@ class Adagrad(ShardedOptimizer):
         max_norm=None,
         skip_nonfinite: bool = False,
         loss_scale=None,
+        cache_step_buffers: bool = True,
     ):
         inner = optim.Adagrad(learning_rate, eps)
         super().__init__(
             inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
             master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
-            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, cache_step_buffers=cache_step_buffers,
         )  # fmt: skip
 
 
@@ -139,10 +142,11 @@ class Adamax(ShardedOptimizer):
         max_norm=None,
         skip_nonfinite: bool = False,
         loss_scale=None,
+        cache_step_buffers: bool = True,
     ):
         inner = optim.Adamax(learning_rate, betas, eps)
         super().__init__(
             inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
             master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
-            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale,
+            skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, cache_step_buffers=cache_step_buffers,
         )  # fmt: skip

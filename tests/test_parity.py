@@ -68,3 +68,26 @@ def test_cpu_step_writes_the_new_state_into_the_old_states_memory():
     for rank in range(2):
         lines = [json.loads(line[8:]) for line in rank_lines(out, rank) if line.startswith("INPLACE ")]
         assert lines == [{"adamax": [18, 18], "adagrad": [9, 9], "sgd_momentum": [9, 9]}], out[-3000:]
+
+
+def test_step_buffers_are_reused_from_mlx_cache_not_fresh_memory():
+    """``cache_step_buffers`` (default) raises MLX's cache limit to ``step_buffer_bytes()``
+    (never lowers a larger one): steps then reuse freed buffers and take almost no fresh
+    pages; with it off, MLX's 32 MiB Linux default hands the new parameters back to the
+    OS every step and the next step faults them in again."""
+    code, out, err = run_ranks(2, "step_buffers_cached.py", backend="ring", timeout=150)
+    assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    page = 4096
+    for rank in range(2):
+        lines = [json.loads(line[6:]) for line in rank_lines(out, rank) if line.startswith("CACHE ")]
+        assert len(lines) == 1, out[-3000:]
+        cached, plain, user = lines[0]["cached"], lines[0]["not_cached"], lines[0]["user_limit_kept"]
+        need = cached["step_buffer_bytes"]
+        new_parameters = 2 * (4096 * 4096 + 4096) * 4
+        assert need > new_parameters > cached["before"] == 32 * 1024**2
+        assert cached["after"] == need
+        assert plain["after"] == plain["before"] == 32 * 1024**2
+        assert user["before"] == user["after"] == 8 << 30
+        assert cached["faults"] < 0.05 * need / page, lines[0]
+        assert user["faults"] < 0.05 * need / page, lines[0]
+        assert plain["faults"] > 0.5 * new_parameters / page, lines[0]

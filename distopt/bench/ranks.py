@@ -37,6 +37,7 @@ def run_mlx_method(method, kind, params, cfg, group):
     from mlx.utils import tree_flatten
 
     _release_memory()
+    mx.set_cache_limit(cfg["cache_limit"])  # as the run began: a distopt method raises it for its own step
     model, loss_fn, (x, y) = mlx_model(kind, params, cfg)
     opt = mlx_optimizer(method, group)
     grad_fn = nn.value_and_grad(model, loss_fn)
@@ -166,6 +167,8 @@ def mlx_worker(cfg):
         mx.set_default_device(mx.cpu)
     if cfg.get("mlx_cache_gb") is not None:
         mx.set_cache_limit(int(cfg["mlx_cache_gb"] * 2**30))
+    cfg["cache_limit"] = mx.set_cache_limit(0)  # MLX has no getter: read it, then put it back
+    mx.set_cache_limit(cfg["cache_limit"])
     rows = []
     for kind, params in cfg["jobs"]:
         for method in cfg["methods"]:
