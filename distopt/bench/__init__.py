@@ -63,6 +63,8 @@ def run_bench(opts, log=print, partial=None):
     rows, errors = [], []
     for n in sorted(set([1] + list(opts.ranks)) if "single" in opts.methods else opts.ranks):
         big = [j for j in jobs if j[1] <= opts.max_params.get(n, math.inf)]
+        for kind, size in sorted(set(jobs) - set(big)):
+            log(f"[bench] N={n}: {kind} {size / 1e6:g}M skipped: above --max-params {n}:{opts.max_params[n] / 1e6:g}M")
         if not big:
             continue
         mlx_methods = ["single"] if n == 1 else [m for m in methods if m in MLX_DIST_METHODS]
