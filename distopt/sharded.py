@@ -213,7 +213,7 @@ class ShardedOptimizer(optim.Optimizer):
         parts and the new parameters are new buffers every step. Freed buffers beyond
         MLX's cache limit go back to the OS, and fresh pages from Linux cost more than the
         step's arithmetic: MLP 100M, 2 ranks, MPI, MLX's default 32 MiB cache, 2.24 s per
-        update against 0.57 s with the buffers cached (README, "Step buffers").
+        update against 0.73 s with them cached (README, "Step buffers and MLX's cache").
         """
         need = self.step_buffer_bytes()
         previous = mx.set_cache_limit(1 << 62)  # to read the limit: MLX has no getter
