@@ -3,7 +3,7 @@
 A 2-layer MLP of 4096 x 4096 float32 weights (64 MiB leaves, larger than glibc's
 largest mmap threshold, so a freed leaf not kept by MLX goes back to the OS). Prints
 ``CACHE {json}`` per setting: MLX's cache limit before and after ``opt.init``, the
-optimizer's ``step_buffer_bytes()``, and the minor page faults of steps 3 and 4.
+optimizer's ``step_buffer_bytes()``, and the minor page faults per step (mean of steps 3 and 4).
 """
 
 import json
