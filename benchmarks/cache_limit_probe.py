@@ -7,25 +7,50 @@
 """
 
 import json
+import statistics
 import time
 
-import mlx.core as mx, mlx.nn as nn
+import mlx.core as mx
+import mlx.nn as nn
+
 import distopt
-out = {"device": str(mx.default_device())}
-default = mx.set_cache_limit(1 << 62); mx.set_cache_limit(default)
-out["default_cache_limit"] = default
-out["memory_limit"] = mx.set_memory_limit(1 << 62); mx.set_memory_limit(out["memory_limit"])
-mx.random.seed(0)
-model = nn.Sequential(nn.Linear(8192, 8192), nn.ReLU(), nn.Linear(8192, 8192))
-x = mx.random.normal((64, 8192))
-lg = nn.value_and_grad(model, lambda m: m(x).square().mean())
-for flag in (True, False):
-    mx.set_cache_limit(default); mx.clear_cache()
-    opt = distopt.Adamax(1e-4, max_norm=1.0, cache_step_buffers=flag)  # max_norm: the flat sharded path on one rank
-    ts = []
-    for i in range(8):
-        t = time.perf_counter(); _, g = lg(model); mx.eval(g); t1 = time.perf_counter()
-        opt.update(model, g); mx.eval(model.parameters(), opt.state); ts.append(time.perf_counter() - t1)
-    lim = mx.set_cache_limit(default)
-    out[f"cache_step_buffers={flag}"] = {"limit_after": lim, "step_buffer_bytes": opt.step_buffer_bytes(), "opt_ms_median": 1e3 * sorted(ts[3:])[len(ts[3:]) // 2], "peak_gib": mx.get_peak_memory() / 2**30}
-print(json.dumps(out, indent=1))
+from distopt.buffers import mlx_cache_limit
+
+
+def median_update_ms(cache_step_buffers, steps=8, skip=3):
+    """Median milliseconds of ``opt.update`` (evaluated) over the steps after ``skip``."""
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(8192, 8192), nn.ReLU(), nn.Linear(8192, 8192))
+    x = mx.random.normal((64, 8192))
+    loss_and_grad = nn.value_and_grad(model, lambda m: m(x).square().mean())
+    opt = distopt.Adamax(1e-4, max_norm=1.0, cache_step_buffers=cache_step_buffers)
+    times = []
+    for _ in range(steps):
+        _, grads = loss_and_grad(model)
+        mx.eval(grads)
+        start = time.perf_counter()
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[skip:]), opt.step_buffer_bytes()
+
+
+def main():
+    default = mlx_cache_limit()
+    memory_limit = mx.set_memory_limit(1 << 62)  # no getter either
+    mx.set_memory_limit(memory_limit)
+    out = {"device": str(mx.default_device()), "default_cache_limit": default, "memory_limit": memory_limit}
+    for flag in (True, False):
+        mx.set_cache_limit(default)
+        mx.clear_cache()
+        ms, need = median_update_ms(flag)
+        out[f"cache_step_buffers={flag}"] = {
+            "limit_after": mlx_cache_limit(), "step_buffer_bytes": need,
+            "opt_ms_median": ms, "peak_gib": mx.get_peak_memory() / 2**30,
+        }  # fmt: skip
+    mx.set_cache_limit(default)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

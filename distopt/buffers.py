@@ -27,6 +27,14 @@ def receive_buffer(n, dtype):
     return out
 
 
+def mlx_cache_limit():
+    """MLX's buffer cache limit in bytes. MLX has no getter: ``mx.set_cache_limit`` returns
+    the limit it replaces, so this sets a larger one for an instant and puts it back."""
+    limit = mx.set_cache_limit(1 << 62)
+    mx.set_cache_limit(limit)
+    return limit
+
+
 def as_dtype(out, dtype):
     """``out`` (from :func:`receive_buffer`) viewed as ``dtype``."""
     return out.view(dtype) if out.dtype != dtype else out

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import precision, validate, watchdog
+from .buffers import mlx_cache_limit
 from .comm import Communicator, make_communicator
 from .evaluation import traced
 from .group import DistoptError, all_gather_object, init
@@ -215,10 +216,9 @@ class ShardedOptimizer(optim.Optimizer):
         step's arithmetic: MLP 100M, 2 ranks, MPI, MLX's default 32 MiB cache, 2.24 s per
         update against 0.73 s with them cached (README, "Step buffers and MLX's cache").
         """
-        need = self.step_buffer_bytes()
-        previous = mx.set_cache_limit(1 << 62)  # to read the limit: MLX has no getter
-        mx.set_cache_limit(max(previous, need))
+        need, previous = self.step_buffer_bytes(), mlx_cache_limit()
         if previous < need:
+            mx.set_cache_limit(need)
             log.info("distopt: MLX cache limit raised from %d to %d bytes (one step's buffers; cache_step_buffers=False keeps it)", previous, need)
 
     def step_buffer_bytes(self):

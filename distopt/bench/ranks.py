@@ -158,6 +158,7 @@ def _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, p
 def mlx_worker(cfg):
     """One rank of the MLX methods: every model and size, every method, in order."""
     import distopt
+    from distopt.buffers import mlx_cache_limit
 
     group = distopt.init(backend=cfg.get("init_backend", "auto"))
     cfg["rank"] = group.rank()
@@ -167,8 +168,7 @@ def mlx_worker(cfg):
         mx.set_default_device(mx.cpu)
     if cfg.get("mlx_cache_gb") is not None:
         mx.set_cache_limit(int(cfg["mlx_cache_gb"] * 2**30))
-    cfg["cache_limit"] = mx.set_cache_limit(0)  # MLX has no getter: read it, then put it back
-    mx.set_cache_limit(cfg["cache_limit"])
+    cfg["cache_limit"] = mlx_cache_limit()
     rows = []
     for kind, params in cfg["jobs"]:
         for method in cfg["methods"]:

@@ -13,12 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import distopt
-
-
-def cache_limit():
-    limit = mx.set_cache_limit(1 << 62)  # MLX has no getter
-    mx.set_cache_limit(limit)
-    return limit
+from distopt.buffers import mlx_cache_limit as cache_limit
 
 
 def run(group, cache_step_buffers, limit):
