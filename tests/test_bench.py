@@ -35,6 +35,10 @@ def test_bench_two_ranks_table_and_json(tmp_path):
         for column in COLUMNS:
             assert column in row, column
         assert row["step_ms"] > 0 and row["fb_ms"] > 0 and row["peak_rss"] > 0
+    # the MLX methods of one launch (tiny models) are timed rep by rep in turn, and say so
+    for (method, model, n), row in rows.items():
+        assert row.get("timing") == ("interleaved" if n == 2 and method != "torch_zero" else None), (method, model)
+    assert "timed rep by rep in turn" in proc.stdout
 
     # state per rank: distopt holds its half of MLX DP's Adamax state (plus two scalars)
     for model in ("mlp", "transformer"):

@@ -30,51 +30,114 @@ def mlx_optimizer(method, group, lr=1e-4):
     return distopt.Adamax(lr, group=group, stage=int(method[-1]))
 
 
-def run_mlx_method(method, kind, params, cfg, group):
-    """Time ``cfg['repeats']`` steps of one method on one model; returns this rank's figures."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
+INTERLEAVE_MAX_PARAMS = 20_000_000  # larger models: one method after another (every model alive at once would not fit)
 
-    _release_memory()
-    mx.set_cache_limit(cfg["cache_limit"])  # as the run began: a distopt method raises it for its own step
-    model, loss_fn, (x, y) = mlx_model(kind, params, cfg)
-    opt = mlx_optimizer(method, group)
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    barrier = _mlx_barrier(group)
-    fb, wait, upd, sent0 = [], [], [], None
+
+def run_mlx_methods(methods, kind, params, cfg, group):
+    """This rank's figures for every method in ``methods`` on one model.
+
+    Up to :data:`INTERLEAVE_MAX_PARAMS` the methods are timed rep by rep in turn (the
+    first method rotating), so a drift of the machine's load falls on all of them alike;
+    peak memory then comes from a pass of its own, one method after another (warmup, then
+    peaks over one step). Larger models run one method after another, timed and measured
+    in the same pass.
+    """
+    if len(methods) == 1 or params > INTERLEAVE_MAX_PARAMS:
+        rows = []
+        for method in methods:
+            run = MlxRun(method, kind, params, cfg, group)
+            rows.append(run.timed(cfg["warmup"], cfg["repeats"]))
+            del run
+        return rows
+    peaks = {}
+    for method in methods:
+        run = MlxRun(method, kind, params, cfg, group)
+        peaks[method] = run.timed(1, 1)
+        del run
+    runs = [MlxRun(m, kind, params, cfg, group, fresh=i == 0) for i, m in enumerate(methods)]
     for i in range(cfg["warmup"] + cfg["repeats"]):
         if i == cfg["warmup"]:
-            _reset_peaks()
-            sent0 = _sent_bytes(opt)
-        barrier()
+            for run in runs:
+                run.start_counting()
+        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
+            run.step(record=i >= cfg["warmup"])
+    rows = [run.figures() for run in runs]
+    for row in rows:
+        row.update({k: peaks[row["method"]][k] for k in ("peak_rss", "peak_mlx", "peak_cuda")}, timing="interleaved")
+    return rows
+
+
+class MlxRun:
+    """One method training one model on this rank: timed steps and their figures.
+
+    A step is timed as ``fb`` (forward and backward, evaluated), ``wait`` (a barrier:
+    every rank has its gradients) and ``opt`` (reduction + update + gather, evaluated).
+    """
+
+    def __init__(self, method, kind, params, cfg, group, fresh=True):
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        if fresh:
+            _release_memory()
+            mx.set_cache_limit(cfg["cache_limit"])  # as the run began: a distopt method raises it for its own step
+        self.method, self.kind, self.params, self.group = method, kind, params, group
+        self.model, loss_fn, self.batch = mlx_model(kind, params, cfg)
+        self.opt = mlx_optimizer(method, group)
+        self.grad_fn = nn.value_and_grad(self.model, loss_fn)
+        self.barrier = _mlx_barrier(group)
+        self.fb, self.wait, self.upd, self.sent0 = [], [], [], None
+
+    def start_counting(self):
+        """Start the traffic count (and the peak counters) of the recorded steps."""
+        _reset_peaks()
+        self.sent0 = _sent_bytes(self.opt)
+
+    def step(self, record=True):
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        self.barrier()
         t0 = time.perf_counter()
-        loss, grads = grad_fn(model, x, y)
+        loss, grads = self.grad_fn(self.model, *self.batch)
         mx.eval(loss, grads)
         t1 = time.perf_counter()
-        barrier()  # every rank has its gradients: opt starts together everywhere
+        self.barrier()  # every rank has its gradients: opt starts together everywhere
         t2 = time.perf_counter()
-        if method == "mlx_dp":
-            grads = nn.average_gradients(grads, group=group)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
+        if self.method == "mlx_dp":
+            grads = nn.average_gradients(grads, group=self.group)
+        self.opt.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.opt.state)
         t3 = time.perf_counter()
-        if i >= cfg["warmup"]:
-            fb.append(t1 - t0)
-            wait.append(t2 - t1)
-            upd.append(t3 - t2)
-    n = group.size()
-    nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
-    grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    if method.startswith("distopt"):
-        sent = (_sent_bytes(opt) - sent0) / cfg["repeats"]
-        state = opt.memory_report()["optimizer_state_bytes"]
-        sent_how = "counted"
-    else:
-        sent = 2 * (n - 1) / n * grad_bytes
-        state = sum(v.nbytes for _, v in tree_flatten(opt.state))
-        sent_how = "formula"
-    return _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, _peaks(), wait)
+        if record:
+            self.fb.append(t1 - t0)
+            self.wait.append(t2 - t1)
+            self.upd.append(t3 - t2)
+
+    def timed(self, warmup, repeats):
+        """``warmup`` steps, then ``repeats`` recorded ones; their figures with this method's peaks."""
+        for i in range(warmup + repeats):
+            if i == warmup:
+                self.start_counting()
+            self.step(record=i >= warmup)
+        return self.figures(_peaks())
+
+    def figures(self, peaks=None):
+        from mlx.utils import tree_flatten
+
+        n = self.group.size()
+        leaves = [v for _, v in tree_flatten(self.model.parameters())]
+        nparams, grad_bytes = sum(v.size for v in leaves), sum(v.nbytes for v in leaves)
+        if self.method.startswith("distopt"):
+            sent = (_sent_bytes(self.opt) - self.sent0) / len(self.fb)
+            state = self.opt.memory_report()["optimizer_state_bytes"]
+            sent_how = "counted"
+        else:
+            sent = 2 * (n - 1) / n * grad_bytes
+            state = sum(v.nbytes for _, v in tree_flatten(self.opt.state))
+            sent_how = "formula"
+        peaks = peaks or {"peak_rss": None, "peak_mlx": None, "peak_cuda": None}
+        return _figures(self.method, self.kind, self.params, nparams, n, self.fb, self.upd, sent, sent_how, state, peaks, self.wait)
 
 
 def _mlx_barrier(group):
@@ -171,8 +234,7 @@ def mlx_worker(cfg):
     cfg["cache_limit"] = mlx_cache_limit()
     rows = []
     for kind, params in cfg["jobs"]:
-        for method in cfg["methods"]:
-            rows.append(run_mlx_method(method, kind, params, cfg, group))
+        rows += run_mlx_methods(cfg["methods"], kind, params, cfg, group)
     return rows
 
 

@@ -99,6 +99,8 @@ def format_table(result):
     lines.append("step = fb (own forward+backward) + wait (barrier: every rank has its gradients) + opt (reduction + update + gather);")
     lines.append("torch: opt = median full step - median no_sync step (DDP overlaps its all-reduce with backward); spread = max - min over repeats;")
     lines.append("sent per rank per step: counted by distopt, * = algorithm formula (ring all-reduce 2(N-1)/N; torch adds (N-1)/N broadcast)")
+    if any(r.get("timing") == "interleaved" for r in result["rows"]):
+        lines.append("MLX methods up to 20M params timed rep by rep in turn (peak RSS from a pass of its own, one method after another); larger ones one after another")
     for e in result.get("errors", []):
         lines.append(f"FAILED: {e}")
     if result["ratios"]:
