@@ -52,7 +52,7 @@ def run_mlx_methods(methods, kind, params, cfg, group):
     peaks = {}
     for method in methods:
         run = MlxRun(method, kind, params, cfg, group)
-        peaks[method] = run.timed(1, 1)
+        peaks[method] = run.timed(cfg["warmup"], 1)
         del run
     runs = [MlxRun(m, kind, params, cfg, group, fresh=i == 0) for i, m in enumerate(methods)]
     for i in range(cfg["warmup"] + cfg["repeats"]):
