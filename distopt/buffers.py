@@ -22,9 +22,15 @@ def numpy_view(x):
 def receive_buffer(n, dtype):
     """An evaluated MLX buffer of ``n`` elements of ``dtype`` that MPI or a socket writes in
     place through ``np.asarray`` (half precision as uint16, as :func:`numpy_view` gives it)."""
-    out = mx.zeros((n,), mx.uint16 if dtype in HALF.values() else dtype)
-    mx.eval(out)
-    return out
+    return receive_buffers([n], dtype)[0]
+
+
+def receive_buffers(sizes, dtype):
+    """:func:`receive_buffer` for each of ``sizes``, evaluated together (one evaluation
+    instead of one per buffer: a model's new parameters are many small leaves)."""
+    outs = [mx.zeros((n,), mx.uint16 if dtype in HALF.values() else dtype) for n in sizes]
+    mx.eval(outs)
+    return outs
 
 
 def mlx_cache_limit():

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .buffers import as_dtype, receive_buffer
+from .buffers import as_dtype, receive_buffer, receive_buffers
 from .evaluation import traced
 
 DEFAULT_BUCKET_BYTES = 256 * 1024**2  # chosen by measurement: README, "Buckets"
@@ -317,18 +317,16 @@ class NewLeaves:
         self.open = {}  # path -> the leaf's evaluated MLX buffer, until its last bucket is in
         self.done = 0  # entries before this one were given out by finished()
 
-    def _leaf(self, entry):
-        if entry.path not in self.open:
-            self.open[entry.path] = receive_buffer(entry.size, self.buf.dtype)
-        return np.asarray(self.open[entry.path])
-
     def views(self, bucket):
-        """The NumPy views of the new leaves (and of scratch for the padding) that hold ``bucket``."""
-        buf = self.buf
-        views = [self._leaf(e)[a:b] for e, a, b in buf.overlaps(bucket.start, bucket.stop)]
-        if buf.padding(bucket.start, bucket.stop):
-            views.append(np.asarray(receive_buffer(buf.padding(bucket.start, bucket.stop), buf.dtype)))
-        return views
+        """The NumPy views of the new leaves (and of scratch for the padding) that hold ``bucket``;
+        the leaves that start in it are allocated here, all at once."""
+        overlaps = list(self.buf.overlaps(bucket.start, bucket.stop))
+        new = [e for e, _, _ in overlaps if e.path not in self.open]
+        pad = self.buf.padding(bucket.start, bucket.stop)
+        outs = receive_buffers([e.size for e in new] + ([pad] if pad else []), self.buf.dtype)
+        self.open.update((e.path, out) for e, out in zip(new, outs))
+        views = [np.asarray(self.open[e.path])[a:b] for e, a, b in overlaps]
+        return views + ([np.asarray(outs[-1])] if pad else [])
 
     def finished(self, bucket):
         """``(path, array)`` of the parameters that end in ``bucket`` (filled by now)."""
