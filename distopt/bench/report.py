@@ -1,6 +1,7 @@
 """Results across ranks and methods: ratios, the link model, text and Markdown tables, a chart."""
 
 from .models import METHODS
+from .ranks import INTERLEAVE_MAX_PARAMS
 from .throughput import BYTES_PER_ELEMENT_ADAMAX
 
 # Effective link bandwidths in bytes/s: line rate x 0.8 (an assumption, not a measurement).
@@ -100,7 +101,7 @@ def format_table(result):
     lines.append("torch: opt = median full step - median no_sync step (DDP overlaps its all-reduce with backward); spread = max - min over repeats;")
     lines.append("sent per rank per step: counted by distopt, * = algorithm formula (ring all-reduce 2(N-1)/N; torch adds (N-1)/N broadcast)")
     if any(r.get("timing") == "interleaved" for r in result["rows"]):
-        lines.append("MLX methods up to 20M params timed rep by rep in turn (peak RSS from a pass of its own, one method after another); larger ones one after another")
+        lines.append(f"MLX methods up to {INTERLEAVE_MAX_PARAMS / 1e6:g}M params timed rep by rep in turn (peak RSS from a pass of its own, one method after another); larger ones one after another")
     for e in result.get("errors", []):
         lines.append(f"FAILED: {e}")
     if result["ratios"]:
