@@ -42,18 +42,12 @@ def run_mlx_methods(methods, kind, params, cfg, group):
     peaks over one step). Larger models run one method after another, timed and measured
     in the same pass.
     """
+    def one_after_another(repeats):  # each run freed before the next is built
+        return [MlxRun(method, kind, params, cfg, group).timed(cfg["warmup"], repeats) for method in methods]
+
     if len(methods) == 1 or params > INTERLEAVE_MAX_PARAMS:
-        rows = []
-        for method in methods:
-            run = MlxRun(method, kind, params, cfg, group)
-            rows.append(run.timed(cfg["warmup"], cfg["repeats"]))
-            del run
-        return rows
-    peaks = {}
-    for method in methods:
-        run = MlxRun(method, kind, params, cfg, group)
-        peaks[method] = run.timed(cfg["warmup"], 1)
-        del run
+        return one_after_another(cfg["repeats"])
+    peaks = {row["method"]: row for row in one_after_another(1)}
     runs = [MlxRun(m, kind, params, cfg, group, fresh=i == 0) for i, m in enumerate(methods)]
     for i in range(cfg["warmup"] + cfg["repeats"]):
         if i == cfg["warmup"]:
