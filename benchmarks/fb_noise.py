@@ -20,6 +20,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from distopt.bench import DEFAULT_SHAPES
 from distopt.bench.models import mlx_model
 
 
@@ -33,7 +34,7 @@ def main():
     mx.set_default_device(mx.cpu)
     if args.cache_gb is not None:
         mx.set_cache_limit(int(args.cache_gb * 2**30))
-    cfg = {"rank": 0, "batch": 16, "lm_batch": 2, "seq": 64}  # distopt bench's CPU defaults
+    cfg = {"rank": 0, **DEFAULT_SHAPES["cpu"]}  # distopt bench's CPU shapes
     model, loss_fn, (x, y) = mlx_model(args.model, int(args.params), cfg)
     grad_fn = nn.value_and_grad(model, loss_fn)
     times, cpu0 = [], os.times()

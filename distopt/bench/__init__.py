@@ -50,6 +50,12 @@ from .throughput import update_throughput
 __all__ = ["main", "run_bench", "parser", "format_table", "format_markdown", "plot", "update_throughput"]
 
 
+DEFAULT_SHAPES = {  # per device: MLP rows, transformer sequences and their length, per rank
+    "cpu": {"batch": 16, "lm_batch": 2, "seq": 64},
+    "gpu": {"batch": 256, "lm_batch": 8, "seq": 256},
+}
+
+
 def run_bench(opts, log=print, partial=None):
     """Run every method, model, size and rank count in ``opts``; return the result dict.
 
@@ -190,10 +196,8 @@ def resolve(opts):
     opts.max_params = {int(k): parse_size(v) for k, v in (item.split(":") for item in opts.max_params.split(",") if item)}
     opts.throughput = parse_size(opts.throughput)
     opts.lm_max = parse_size(opts.lm_max) if opts.lm_max else (math.inf if opts.device == "gpu" else 20_000_000)
-    gpu = opts.device == "gpu"
-    opts.batch = opts.batch or (256 if gpu else 16)
-    opts.lm_batch = opts.lm_batch or (8 if gpu else 2)
-    opts.seq = opts.seq or (256 if gpu else 64)
+    for key, value in DEFAULT_SHAPES[opts.device].items():
+        setattr(opts, key, getattr(opts, key) or value)
     if opts.backend == "nccl" and opts.device != "gpu":
         raise ValueError("--backend nccl needs --device gpu.")
     return opts
