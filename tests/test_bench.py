@@ -39,6 +39,14 @@ def test_bench_two_ranks_table_and_json(tmp_path):
     for (method, model, n), row in rows.items():
         assert row.get("timing") == ("interleaved" if n == 2 and method != "torch_zero" else None), (method, model)
     assert "timed rep by rep in turn" in proc.stdout
+    # every MLX row keeps its repeats in order (rank 0's), which pair rep by rep; two
+    # repeats are too few for a 90% interval, so the table prints "-" and the JSON None
+    for (method, model, n), row in rows.items():
+        if method != "torch_zero":
+            assert len(row["step_samples_ms"]) == len(row["opt_samples_ms"]) == 2, (method, model)
+            assert sorted(row["step_samples_ms"])[0] <= row["step_ms"] <= sorted(row["step_samples_ms"])[1]
+    for q in result["ratios"]:
+        assert q["step_vs_mlx_dp_paired"] > 0 and q["step_vs_mlx_dp_ci"] is None and q["opt_vs_mlx_dp_ci"] is None
 
     # state per rank: distopt holds its half of MLX DP's Adamax state (plus two scalars)
     for model in ("mlp", "transformer"):

@@ -205,6 +205,8 @@ def _figures(method, kind, params, nparams, n, fb, upd, sent, sent_how, state, p
         "wait_ms": 1e3 * statistics.median(wait) if wait else None,
         "opt_ms": 1e3 * statistics.median(upd),
         "opt_spread_ms": 1e3 * (max(upd) - min(upd)),
+        "step_samples_ms": [1e3 * t for t in steps],  # per repeat, in order: paired ratios of interleaved runs
+        "opt_samples_ms": [1e3 * t for t in upd],
         "sent_bytes": sent,
         "sent_how": sent_how,
         "state_bytes": state,
