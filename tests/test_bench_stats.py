@@ -56,5 +56,5 @@ def test_tables_show_the_paired_interval():
     meta = {"device": "cpu", "date": "d", "machine": "m", "commit": "c", "mlx": "x", "backend": "mpi", "load_average": 0}
     result = {"meta": meta, "rows": rows, "ratios": ratios(rows)}
     text = format_table(result)
-    assert "0.80-1.20" in text and "0.50-0.50" in text and "90% paired" in text
-    assert "| 1.00 | 0.80-1.20 | 1.00 | 0.50 | 0.50-0.50 |" in format_markdown(result)
+    assert "1.00 [0.80-1.20]" in text and "0.50 [0.50-0.50]" in text and "paired, 90%" in text
+    assert "| 1.00 | 1.00 [0.80-1.20] | 1.00 | 0.50 | 0.50 [0.50-0.50] |" in format_markdown(result)

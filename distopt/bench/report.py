@@ -56,9 +56,12 @@ def _paired_vs(ours, ref, what):
 
 
 def _interval(q, what):
-    """``q``'s paired 90% interval of ``what`` against MLX DP as text, e.g. ``0.93-1.08``."""
-    ci = q.get(f"{what}_vs_mlx_dp_ci")
-    return "-" if not ci else f"{ci[0]:.2f}-{ci[1]:.2f}"
+    """``q``'s paired ratio of ``what`` against MLX DP and its 90% interval as text, e.g.
+    ``0.99 [0.93-1.08]`` (``-`` where nothing pairs, ``[-]`` below 5 repeats)."""
+    median, ci = q.get(f"{what}_vs_mlx_dp_paired"), q.get(f"{what}_vs_mlx_dp_ci")
+    if median is None:
+        return "-"
+    return f"{median:.2f} " + (f"[{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "[-]")
 
 
 def analytic_model(rows, throughput, ranks=(2, 4, 8), links=None, latency=LINK_LATENCY_S):
@@ -124,14 +127,14 @@ def format_table(result):
     for e in result.get("errors", []):
         lines.append(f"FAILED: {e}")
     if result["ratios"]:
-        lines += ["", f"{'model':<11} {'size':>5} {'N':>2} {'method':<11} {'step/mlx_dp':>11} {'90% paired':>11} {'state/mlx_dp':>12} {'opt/mlx_dp':>10} {'90% paired':>11} {'opt/torch':>9} {'step/torch':>10} {'fb share':>8}"]
+        lines += ["", f"{'model':<11} {'size':>5} {'N':>2} {'method':<11} {'step/mlx_dp':>11} {'paired, 90%':>16} {'state/mlx_dp':>12} {'opt/mlx_dp':>10} {'paired, 90%':>16} {'opt/torch':>9} {'step/torch':>10} {'fb share':>8}"]
         for q in sorted(result["ratios"], key=lambda q: (q["model"], q["size"], q["ranks"], q["method"])):
             cells = [q[k] for k in ("step_vs_mlx_dp", "state_vs_mlx_dp", "opt_vs_mlx_dp", "opt_vs_torch_zero", "step_vs_torch_zero", "mlx_compute_share")]
             c = ["-" if v is None else f"{v:.2f}" for v in cells]
-            lines.append(f"{q['model']:<11} {_size_name(q['size']):>5} {q['ranks']:>2} {q['method']:<11} {c[0]:>11} {_interval(q, 'step'):>11} {c[1]:>12} "
-                         f"{c[2]:>10} {_interval(q, 'opt'):>11} {c[3]:>9} {c[4]:>10} {c[5]:>8}")  # fmt: skip
+            lines.append(f"{q['model']:<11} {_size_name(q['size']):>5} {q['ranks']:>2} {q['method']:<11} {c[0]:>11} {_interval(q, 'step'):>16} {c[1]:>12} "
+                         f"{c[2]:>10} {_interval(q, 'opt'):>16} {c[3]:>9} {c[4]:>10} {c[5]:>8}")  # fmt: skip
         if any(q.get("step_vs_mlx_dp_ci") for q in result["ratios"]):
-            lines.append("90% paired: where the median of the per-repeat ratios (methods timed rep by rep in turn) lies, with 90% confidence (order statistics)")
+            lines.append("paired: median of the per-repeat ratios (methods timed rep by rep in turn) [where it lies with 90% confidence, order statistics]")
     if "throughput" in result:
         t = result["throughput"]
         lines += ["", f"Adamax update on {t['elements']:,} float32 elements ({t['bytes_per_call'] / 1e9:.2f} GB moved per call, {t['device']}):"]
@@ -155,7 +158,7 @@ def format_markdown(result):
         sent = _mib(r["sent_bytes"]) + ("*" if r["sent_how"] == "formula" else "")
         out.append(f"| {r['model']} {_size_name(r['size'])} | {r['ranks']} | {r['method']} | {r['step_ms']:.1f} | {r['step_spread_ms']:.1f} "
                    f"| {r['fb_ms']:.1f} | {_ms(r.get('wait_ms'))} | {r['opt_ms']:.1f} | {sent} | {_mib(r['state_bytes'])} | {_mib(pk)} |")  # fmt: skip
-    out += ["", "| model | N | method | step / mlx_dp | 90% paired | state / mlx_dp | opt / mlx_dp | 90% paired | opt / torch_zero | step / torch_zero | fb share |",
+    out += ["", "| model | N | method | step / mlx_dp | paired [90%] | state / mlx_dp | opt / mlx_dp | paired [90%] | opt / torch_zero | step / torch_zero | fb share |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     keys = ("step_vs_mlx_dp", "state_vs_mlx_dp", "opt_vs_mlx_dp", "opt_vs_torch_zero", "step_vs_torch_zero", "mlx_compute_share")
     for q in sorted(result["ratios"], key=lambda q: (q["model"], q["size"], q["ranks"], q["method"])):
