@@ -66,6 +66,7 @@ def run_bench(opts, log=print, partial=None):
     base = {"batch": opts.batch, "lm_batch": opts.lm_batch, "seq": opts.seq, "repeats": opts.repeats, "warmup": opts.warmup, "device": opts.device, "mlx_cache_gb": opts.mlx_cache_gb}
     methods = [m for m in opts.methods if m != "single"]
     torch_ok = "torch_zero" in methods and _has_torch()
+    commit = _commit()  # the code the run starts with (a commit landing during a long run does not relabel it)
     rows, errors = [], []
     for n in sorted(set([1] + list(opts.ranks)) if "single" in opts.methods else opts.ranks):
         big = [j for j in jobs if j[1] <= opts.max_params.get(n, math.inf)]
@@ -84,8 +85,8 @@ def run_bench(opts, log=print, partial=None):
                 log(f"[bench] N={n}: {', '.join(names)} FAILED: {e}")
                 errors.append(f"N={n} {', '.join(names)}: {e}")
             if partial:
-                partial({"meta": _meta(opts, torch_ok), "rows": rows, "ratios": ratios(rows), "errors": errors})
-    result = {"meta": _meta(opts, torch_ok), "rows": rows, "ratios": ratios(rows), "errors": errors}
+                partial({"meta": _meta(opts, torch_ok, commit), "rows": rows, "ratios": ratios(rows), "errors": errors})
+    result = {"meta": _meta(opts, torch_ok, commit), "rows": rows, "ratios": ratios(rows), "errors": errors}
     if opts.throughput:
         log(f"[bench] update throughput on {opts.throughput} elements")
         result["throughput"] = update_throughput(opts.throughput, device=opts.device)
@@ -102,13 +103,14 @@ def _has_torch():
         return False
 
 
-def _meta(opts, torch_ok):
+def _meta(opts, torch_ok, commit):
+    """The run's context: ``date`` and ``load_average`` when it ended, ``commit`` when it began."""
     import mlx.core as mx
 
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {_cpu_name()}",
-        "commit": _commit(),
+        "commit": commit,
         "mlx": mx.__version__,
         "backend": opts.backend,
         "device": opts.device,
@@ -144,7 +146,8 @@ def _commit():
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return (out.stdout.strip() or "unknown") + ("-dirty" if changed.stdout.strip() else "")  # tracked files edited since
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 
