@@ -239,6 +239,11 @@ class FlatLayout:
             pieces.append(mx.zeros((buf.padding(lo, hi),), dtype=buf.dtype))
         return pieces
 
+    def bucket_leaves(self, tree, name, b):
+        """The leaves of ``tree`` that hold elements of bucket ``b`` of buffer ``name``, in order."""
+        buf, leaves = self.buffers[name], Leaves.of(tree)
+        return [leaves[e.path] for e, _, _ in buf.overlaps(buf.buckets[b].start, buf.buckets[b].stop)]
+
     def part_segments(self, tree, name, bucket):
         """For every rank's part of ``bucket``, the gradient segments that hold it, in
         *wire order*: 1-D slices (as :meth:`flat_pieces`) except that the whole rows of a

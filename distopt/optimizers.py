@@ -4,7 +4,7 @@ Each class builds the matching ``mlx.optimizers`` optimizer (so defaults, valida
 errors and update math are MLX's own) and shards it with :class:`ShardedOptimizer`.
 The keyword-only ``group``, ``stage``, ``bucket_bytes``, ``shard_weights`` and the
 precision options (``master_weights``, ``reduce_dtype``, ``max_norm``,
-``skip_nonfinite``, ``loss_scale``) and ``cache_step_buffers`` are those of
+``skip_nonfinite``, ``loss_scale``), ``cache_step_buffers`` and ``overlap_backward`` are those of
 :class:`ShardedOptimizer`.
 """
 
@@ -56,12 +56,14 @@ class SGD(ShardedOptimizer):
         skip_nonfinite: bool = False,
         loss_scale=None,
         cache_step_buffers: bool = True,
+        overlap_backward: bool = True,
     ):
         inner = optim.SGD(learning_rate, momentum, weight_decay, dampening, nesterov)
         super().__init__(
             inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
             master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
             skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, cache_step_buffers=cache_step_buffers,
+            overlap_backward=overlap_backward,
         )  # fmt: skip
 
 
@@ -97,12 +99,14 @@ class Adagrad(ShardedOptimizer):
         skip_nonfinite: bool = False,
         loss_scale=None,
         cache_step_buffers: bool = True,
+        overlap_backward: bool = True,
     ):
         inner = optim.Adagrad(learning_rate, eps)
         super().__init__(
             inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
             master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
             skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, cache_step_buffers=cache_step_buffers,
+            overlap_backward=overlap_backward,
         )  # fmt: skip
 
 
@@ -143,10 +147,12 @@ class Adamax(ShardedOptimizer):
         skip_nonfinite: bool = False,
         loss_scale=None,
         cache_step_buffers: bool = True,
+        overlap_backward: bool = True,
     ):
         inner = optim.Adamax(learning_rate, betas, eps)
         super().__init__(
             inner, group=group, stage=stage, bucket_bytes=bucket_bytes, shard_weights=shard_weights,
             master_weights=master_weights, reduce_dtype=reduce_dtype, max_norm=max_norm,
             skip_nonfinite=skip_nonfinite, loss_scale=loss_scale, cache_step_buffers=cache_step_buffers,
+            overlap_backward=overlap_backward,
         )  # fmt: skip

@@ -19,6 +19,7 @@ precision options (fp32 master shards, clipping, non-finite skip, loss scaling) 
 """
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -84,6 +85,14 @@ class ShardedOptimizer(optim.Optimizer):
           reuses the previous step's freed buffers instead of taking fresh memory from
           the OS. MLX's Linux CPU default keeps 32 MiB; a Mac's default (its memory
           limit) already covers it. Default ``True``; ``False`` leaves the limit alone.
+        overlap_backward (bool): reduce the buckets last one first and schedule all
+          their gradients before the first is reduced, so that unevaluated gradients
+          (the usual MLX loop: ``opt.update(model, grads)`` straight after
+          ``value_and_grad``) are reduced bucket by bucket while MLX computes the
+          earlier layers' gradients, as PyTorch's DDP overlaps its all-reduce with the
+          backward pass. It needs several buckets (``bucket_bytes`` below the model's
+          size). Default ``True``; ``False``: layout order, each bucket's gradients
+          evaluated when it is reduced.
 
     With one rank and none of the precision options, the inner optimizer runs
     unchanged; with any of them, the flat path runs with a single shard.
@@ -110,6 +119,7 @@ class ShardedOptimizer(optim.Optimizer):
         skip_nonfinite=False,
         loss_scale=None,
         cache_step_buffers=True,
+        overlap_backward=True,
     ):
         if not isinstance(optimizer, ELEMENTWISE):
             raise TypeError(
@@ -127,6 +137,7 @@ class ShardedOptimizer(optim.Optimizer):
         self.bucket_bytes = bucket_bytes
         self.shard_weights = shard_weights
         self.cache_step_buffers = cache_step_buffers
+        self.overlap_backward = overlap_backward
         self.layout = None
         self._state = optimizer.state  # shares "step" and "learning_rate" with the inner optimizer
         self._schedulers = optimizer._schedulers
@@ -134,6 +145,7 @@ class ShardedOptimizer(optim.Optimizer):
         self._kernel = mx.compile(self._update_shard)  # every output in one pass (GPU)
         self._kernels = {}  # one compiled kernel per output (CPU): see _update
         self._in_flight = collections.deque()
+        self._stream = None  # the reduction's stream with overlap_backward: see _reduce_stream
 
     @property
     def sharded(self):
@@ -257,9 +269,7 @@ class ShardedOptimizer(optim.Optimizer):
         self.comm.traffic.start_step()
         self._in_flight.clear()  # nothing left over from a step that raised
         # 1. This rank's part of the summed (or already averaged) gradient, for every bucket of every dtype buffer.
-        grads, divisors = {}, {}
-        for name in self.layout.buffers:
-            grads[name], divisors[name] = self._reduced_parts(gradients, name)
+        grads, divisors = self._reduced_parts(gradients)
         # 2. Unscale, global norm, clipping coefficient, "finite on every rank" flag.
         grads, coefficient, ok = self.precision.prepare(grads, self._state, self.group)
         self._advance_step(ok)
@@ -374,28 +384,75 @@ class ShardedOptimizer(optim.Optimizer):
         finally:
             self.inner._state = saved
 
-    def _reduced_parts(self, gradients, name):
-        """This rank's part of every bucket of the gradient reduced over ranks, and the divisor
-        the update still has to apply. The sum over ranks is left for the compiled update
-        to divide (one pass over the part fewer; divisor N) unless the precision checks
-        need the mean first or the division changes the dtype: then the parts are already
-        the mean, in the update's dtype (divisor None)."""
-        buf, parts = self.layout.buffers[name], []
+    def _reduced_parts(self, gradients):
+        """This rank's part of every bucket of the gradient reduced over ranks, per buffer
+        (``{name: [part of bucket 0, ...]}``), and the divisor each buffer's update still
+        has to apply (:meth:`_divisor`).
+
+        With ``overlap_backward`` the buckets go last one first, the order in which the
+        backward pass finishes their gradients, and every bucket's gradients are
+        scheduled (``mx.async_eval``) before the first is reduced: while one bucket is
+        on the wire, MLX computes the gradients of the earlier layers. That matters when
+        ``gradients`` arrive unevaluated, as in the usual MLX loop; evaluated ones are
+        only reduced in that order. Without it, buckets go in layout order, each
+        evaluated when it is reduced.
+        """
+        buffers = self.layout.buffers
+        order = [(name, b) for name, buf in buffers.items() for b in range(len(buf.buckets))]
+        stream = contextlib.nullcontext()
+        if self.overlap_backward:
+            order.reverse()
+            if self._schedule_gradients(gradients, order):
+                stream = mx.stream(self._reduce_stream())
+        parts = {name: [None] * len(buf.buckets) for name, buf in buffers.items()}
+        divisors = {name: self._divisor(buf) for name, buf in buffers.items()}
+        with stream:
+            for name, b in order:
+                parts[name][b] = self._reduced_part(gradients, name, buffers[name].buckets[b], divisors[name])
+                self._settle(parts[name][b])  # frees the flat bucket before the next ones pile up
+        return parts, divisors
+
+    def _schedule_gradients(self, gradients, order):
+        """Start computing the gradient leaves of each bucket, in ``order`` (``mx.async_eval``);
+        True if scheduled. Not where the collectives stay in the graph (GPU backends), nor
+        under ``mx.compile``."""
+        if self.comm.lazy:
+            return False
+        for name, b in order:
+            if traced(self.layout.bucket_leaves(gradients, name, b), wait=False):
+                return False
+        return True
+
+    def _reduce_stream(self):
+        """A stream of its own for the MLX work of the reduction (receive buffers, joins), so it
+        does not queue behind the scheduled backward pass on the default stream (one queue:
+        a receive buffer's zero fill would wait for every gradient)."""
+        if self._stream is None:
+            self._stream = mx.new_stream(mx.default_device())
+        return self._stream
+
+    def _divisor(self, buf):
+        """``N`` when the reduced parts of ``buf`` are the sum over ranks, left for the
+        compiled update to divide (one pass over the part fewer); ``None`` when they are
+        already the mean, in the update's dtype: the precision checks need the mean first,
+        or the division changes the dtype."""
         work, reduce_dtype = self.precision.work_dtype(buf.dtype), self.precision.reduce_dtype
-        divisor = self.group.size()
         if self.precision.checks or (reduce_dtype or buf.dtype) != work:
-            divisor = None
-        for bucket in buf.buckets:
-            if self.comm.reads_segments and reduce_dtype is None:
-                total = self.comm.reduce_scatter_segments(self.layout.part_segments(gradients, name, bucket), bucket)
-            else:
-                pieces = self.layout.flat_pieces(gradients, name, bucket.start, bucket.stop)
-                if reduce_dtype is not None:
-                    pieces = [join(pieces).astype(reduce_dtype)]
-                total = self.comm.reduce_scatter_pieces(pieces, bucket)
-            parts.append(total if divisor else mean(total, self.group.size(), work))
-            self._settle(parts[-1])  # frees the flat bucket before the next ones pile up
-        return parts, divisor
+            return None
+        return self.group.size()
+
+    def _reduced_part(self, gradients, name, bucket, divisor):
+        """This rank's part of ``bucket`` of buffer ``name``, reduced over ranks: the sum
+        (``divisor`` N) or the mean in the update's dtype (``divisor`` None)."""
+        buf, reduce_dtype = self.layout.buffers[name], self.precision.reduce_dtype
+        if self.comm.reads_segments and reduce_dtype is None:
+            total = self.comm.reduce_scatter_segments(self.layout.part_segments(gradients, name, bucket), bucket)
+        else:
+            pieces = self.layout.flat_pieces(gradients, name, bucket.start, bucket.stop)
+            if reduce_dtype is not None:
+                pieces = [join(pieces).astype(reduce_dtype)]
+            total = self.comm.reduce_scatter_pieces(pieces, bucket)
+        return total if divisor else mean(total, self.group.size(), self.precision.work_dtype(buf.dtype))
 
     def _settle(self, arrays):
         """Start computing a bucket's ``arrays`` now, so its inputs are freed before many
@@ -448,6 +505,7 @@ class ShardedOptimizer(optim.Optimizer):
             "schedules": sorted(self._schedulers),
             "stage": self.stage,
             "bucket_bytes": self.bucket_bytes,
+            "overlap_backward": self.overlap_backward,  # the order of the buckets' collectives
             "shard_weights": list(self.shard_weights) if self.shard_weights else None,
             "precision": self.precision.settings(),
         }

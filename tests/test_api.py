@@ -27,7 +27,7 @@ def test_constructor_arguments_and_defaults_match_mlx(mlx_cls, distopt_cls):
     assert [p.name for p in ours.values() if p.kind == p.KEYWORD_ONLY] == [
         "group", "stage", "bucket_bytes", "shard_weights",
         "master_weights", "reduce_dtype", "max_norm", "skip_nonfinite", "loss_scale",
-        "cache_step_buffers",
+        "cache_step_buffers", "overlap_backward",
     ]  # fmt: skip
 
 

@@ -91,6 +91,8 @@ EXPECTED = {
                         "but [8, 4] float32 on rank 0. All ranks must build the same model and optimizer.",
     "differing_settings": "DistoptError: Rank 1 differs from rank 0: optimizer setting 'betas' is [0.9, 0.99] "
                           "there but [0.9, 0.999] on rank 0. All ranks must build the same model and optimizer.",
+    "differing_overlap": "DistoptError: Rank 1 differs from rank 0: optimizer setting 'overlap_backward' is False "
+                         "there but True on rank 0. All ranks must build the same model and optimizer.",
     "empty_model": "ValueError: The parameter tree is empty: there is nothing to optimize.",
     "grads_missing": "ValueError: The gradients miss the parameter 'bias'.",
     "grads_wrong_shape": "ValueError: The gradient of 'weight' has shape (2, 2) and dtype float32; "

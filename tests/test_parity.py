@@ -47,6 +47,23 @@ def test_parity_with_mlx_optimizers(n, backend):
             assert r["state_close"], f"{where}: state differs by {r['state_max_diff']}"
 
 
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_overlap_backward_reduces_the_last_bucket_first(backend):
+    """With ``overlap_backward`` (default) a step reduces its buckets last one first, the
+    order in which the backward pass finishes them; without, in layout order. Both give
+    bitwise the same parameters and state."""
+    code, out, err = run_ranks(2, "overlap_order.py", backend=backend, timeout=90)
+    assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    for rank in range(2):
+        lines = [json.loads(line[6:]) for line in rank_lines(out, rank) if line.startswith("ORDER ")]
+        assert len(lines) == 1, out[-3000:]
+        (on, buckets), (off, buckets_off), same = lines[0]["on"], lines[0]["off"], lines[0]["same_result"]
+        assert buckets == buckets_off == len(off) == len(set(off)) and buckets >= 8, lines[0]
+        assert off == sorted(off), lines[0]
+        assert on == sorted(off, reverse=True), lines[0]
+        assert same, lines[0]
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_state_memory_is_one_nth_within_padding(n):
     for r in parity_results(n, "mpi", bucket_bytes=1 << 20):

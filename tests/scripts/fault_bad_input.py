@@ -36,6 +36,11 @@ def differing_settings(rank):
     distopt.Adamax(learning_rate=0.1, betas=[0.9, 0.999 if rank == 0 else 0.99]).update(m, grads_of(m))
 
 
+def differing_overlap(rank):  # the ranks would reduce their buckets in different orders
+    m = model()
+    distopt.SGD(learning_rate=0.1, overlap_backward=rank == 0).update(m, grads_of(m))
+
+
 def empty_model(rank):
     distopt.SGD(learning_rate=0.1).update(nn.Sequential(), {})
 
@@ -81,7 +86,7 @@ def lr_nan_set_later(rank):
     opt.update(m, grads_of(m))
 
 
-CASES = [differing_shapes, differing_settings, empty_model, grads_missing, grads_wrong_shape,
+CASES = [differing_shapes, differing_settings, differing_overlap, empty_model, grads_missing, grads_wrong_shape,
          grads_wrong_dtype, grads_wrong_dtype_later, lr_nan, lr_negative, lr_nan_set_later]
 
 
