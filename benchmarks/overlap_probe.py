@@ -24,6 +24,7 @@ from the repository root:
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def parse():
     p.add_argument("--batch", type=int, default=16, help="MLP rows per rank")
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cpu", action="store_true", help="compute on the CPU (MLX's CUDA build defaults to the GPU)")
     p.add_argument("--netns", type=int, default=0, help="launch this many ranks, one per network namespace")
     p.add_argument("--rate", default=None, help="with --netns: shape every link to this tc rate")
     return p.parse_args()
@@ -92,6 +94,8 @@ def rank_main(args):
     from distopt.bench.stats import paired_ratio
     from distopt.buffers import mlx_cache_limit
 
+    if args.cpu:
+        mx.set_default_device(mx.cpu)
     group = distopt.init()
     mx.set_cache_limit(max(mlx_cache_limit(), 1 << 30))  # as distopt raises its own: no fresh pages for any variant
     runs = [Variant(name, args, group) for name in VARIANTS]
@@ -102,7 +106,7 @@ def rank_main(args):
         return
     t = {run.name: run.times for run in runs}
     nbuckets = runs[VARIANTS.index("on")].opt.layout.bucket_count
-    print(f"overlap probe: {args.model} {args.params:g} params, N={group.size()}, {nbuckets} buckets of {args.bucket_mb:g} MiB, "
+    print(f"overlap probe: {args.model} {args.params:g} params, {mx.default_device()}, {os.cpu_count()} cores, N={group.size()}, {nbuckets} buckets of {args.bucket_mb:g} MiB, "
           f"path {runs[VARIANTS.index('on')].opt.comm.name}, {args.repeats} repeats")
     for name in VARIANTS:
         print(f"  {name:7} step median {statistics.median(t[name]):8.1f} ms  (min {min(t[name]):.1f}, max {max(t[name]):.1f})")

@@ -1,0 +1,7 @@
+set -u
+export PYTHONUNBUFFERED=1
+nproc; python3 -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
+run() { echo "== $*"; timeout 280 python3 -m distopt.cli launch "$@" 2>&1 | grep -v "alive:\|OVERLAP"; }
+run -n 2 benchmarks/overlap_probe.py --cpu --params 1e7 --bucket-mb 4 --repeats 11
+run -n 2 benchmarks/overlap_probe.py --cpu --model transformer --params 1e7 --bucket-mb 4 --repeats 11
+run -n 4 benchmarks/overlap_probe.py --cpu --params 1e7 --bucket-mb 4 --repeats 11
