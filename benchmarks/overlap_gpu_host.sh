@@ -1,3 +1,6 @@
+#!/usr/bin/env bash
+# benchmarks/overlap_probe.py on a many-core host's CPU (the lent GPU machine: 16 cores), ring backend over
+# loopback, 2 and 4 ranks. On the GPU machine: `source .gpu-b/setup.sh && bash benchmarks/overlap_gpu_host.sh`.
 set -u
 export PYTHONUNBUFFERED=1
 nproc; python3 -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
