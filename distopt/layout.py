@@ -239,10 +239,10 @@ class FlatLayout:
             pieces.append(mx.zeros((buf.padding(lo, hi),), dtype=buf.dtype))
         return pieces
 
-    def bucket_leaves(self, tree, name, b):
-        """The leaves of ``tree`` that hold elements of bucket ``b`` of buffer ``name``, in order."""
+    def bucket_leaves(self, tree, name, bucket):
+        """The leaves of ``tree`` that hold elements of ``bucket`` of buffer ``name``, in order."""
         buf, leaves = self.buffers[name], Leaves.of(tree)
-        return [leaves[e.path] for e, _, _ in buf.overlaps(buf.buckets[b].start, buf.buckets[b].stop)]
+        return [leaves[e.path] for e, _, _ in buf.overlaps(bucket.start, bucket.stop)]
 
     def part_segments(self, tree, name, bucket):
         """For every rank's part of ``bucket``, the gradient segments that hold it, in

@@ -419,7 +419,7 @@ class ShardedOptimizer(optim.Optimizer):
         if self.comm.lazy:
             return False
         for name, b in order:
-            if traced(self.layout.bucket_leaves(gradients, name, b), wait=False):
+            if traced(self.layout.bucket_leaves(gradients, name, self.layout.buffers[name].buckets[b]), wait=False):
                 return False
         return True
 
