@@ -125,24 +125,32 @@ def netns_main(args):
 
     from netns import TestHosts
 
+    rank_args = _without(sys.argv[1:], "--netns", "--rate")  # the ranks run rank_main
     hosts = TestHosts(args.netns)
     try:
         if args.rate:
             hosts.shape(args.rate)
-        tmp = Path(tempfile.mkdtemp(prefix="overlap-probe-"))
-        forwarded = [a for a in sys.argv[1:]]
-        i = forwarded.index("--netns")
-        del forwarded[i : i + 2]
-        if "--rate" in forwarded:
-            i = forwarded.index("--rate")
-            del forwarded[i : i + 2]
-        env = {"DISTOPT_RSH": hosts.rsh, "PYTHONPATH": str(root), "PATH": str(Path(sys.executable).parent) + ":/usr/sbin:/usr/bin:/sbin:/bin"}
-        argv = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "ring", "--hostfile", str(hosts.hostfile(tmp / "hosts.json")),
-                __file__, *forwarded]
-        print(f"links: {args.rate or 'unshaped'}", flush=True)
-        subprocess.run(argv, env=env, check=True, timeout=3600)
+        with tempfile.TemporaryDirectory(prefix="overlap-probe-") as tmp:
+            env = {"DISTOPT_RSH": hosts.rsh, "PYTHONPATH": str(root), "PATH": str(Path(sys.executable).parent) + ":/usr/sbin:/usr/bin:/sbin:/bin"}
+            argv = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "ring", "--hostfile",
+                    str(hosts.hostfile(Path(tmp) / "hosts.json")), __file__, *rank_args]
+            print(f"links: {args.rate or 'unshaped'}", flush=True)
+            subprocess.run(argv, env=env, check=True, timeout=3600)
     finally:
         hosts.close()
+
+
+def _without(argv, *flags):
+    """``argv`` less each of ``flags`` and the value after it."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":
