@@ -1,8 +1,8 @@
 """Reduce-scatter + all-gather through distopt's communicator vs one MLX ``all_sum``.
 
 Run as ranks of any backend; every figure comes from the same run, with the two
-operations interleaved rep by rep (each rep starts after a 1-element ``all_sum``
-barrier) so load on the machine hits both alike:
+operations interleaved rep by rep, which goes first alternating (each starts after a
+1-element ``all_sum`` barrier), so load on the machine hits both alike:
 
     distopt launch -n 2 --backend ring benchmarks/bench_comm.py
     distopt launch -n 4 --backend mpi  benchmarks/bench_comm.py --sizes 4,64,256
@@ -15,7 +15,9 @@ all-gather of the parts (what a ZeRO step communicates); ``all_sum`` = one
 Both move 2(N-1)/N of the buffer, so the ideal ratio is 1.0. ``--paths auto`` uses
 the communicator distopt picks for the backend (NCCL/JACCL: MLX's ``sum_scatter``).
 ``--bucket-mib 0`` means one bucket for the whole buffer. Rank 0 prints one line per
-(path, bucket, size): median milliseconds of each and their ratio.
+(path, bucket, size): median milliseconds of each, the ratio of the medians, and the
+median of the per-rep ratios with its 90% interval
+(:func:`distopt.bench.stats.paired_ratio`; ``-`` below 5 reps).
 """
 
 import argparse
@@ -26,6 +28,7 @@ import time
 import mlx.core as mx
 
 import distopt
+from distopt.bench.stats import paired_ratio
 from distopt.comm import make_communicator
 from distopt.group import backend_of
 from distopt.layout import DEFAULT_BUCKET_BYTES, FlatLayout
@@ -65,14 +68,14 @@ def bench(group, path, bucket_bytes, mib, reps, warmup):
     comm = make_communicator(group, choice=None if path == "auto" else path)
     ours, theirs = [], []
     for rep in range(warmup + reps):
-        barrier(group)
-        t_ours = distopt_time(comm, buf, x)
-        barrier(group)
-        t_theirs = all_sum_time(group, x)
+        times = {}
+        for which in ("ours", "theirs") if rep % 2 == 0 else ("theirs", "ours"):
+            barrier(group)
+            times[which] = distopt_time(comm, buf, x) if which == "ours" else all_sum_time(group, x)
         if rep >= warmup:
-            ours.append(t_ours)
-            theirs.append(t_theirs)
-    return comm.name, len(buf.buckets), statistics.median(ours), statistics.median(theirs)
+            ours.append(times["ours"])
+            theirs.append(times["theirs"])
+    return comm.name, len(buf.buckets), ours, theirs
 
 
 def main():
@@ -99,14 +102,17 @@ def main():
     if rank0:
         cache = f", mlx cache limit {args.mlx_cache_gb:g} GiB" if args.mlx_cache_gb is not None else ""
         print(f"backend {backend_of(group)}, {group.size()} ranks, median of {args.reps} reps after {args.warmup} warm-up{cache}")
-        print(f"{'path':>8} {'bucket':>8} {'buckets':>7} {'MiB':>5} {'distopt ms':>11} {'all_sum ms':>11} {'ratio':>6}")
+        print(f"{'path':>8} {'bucket':>8} {'buckets':>7} {'MiB':>5} {'distopt ms':>11} {'all_sum ms':>11} {'ratio':>6} {'paired, 90%':>17}")
     runs = itertools.product(args.paths.split(","), map(float, args.bucket_mib.split(",")), map(int, args.sizes.split(",")))
     for path, bucket_mib, mib in runs:
         bucket_bytes = int(bucket_mib * MIB)
         name, buckets, ours, theirs = bench(group, path, bucket_bytes, mib, args.reps, args.warmup)
         if rank0:
             label = f"{bucket_mib:g}M" if bucket_bytes else "whole"
-            print(f"{name:>8} {label:>8} {buckets:>7} {mib:>5} {ours * 1e3:>11.1f} {theirs * 1e3:>11.1f} {ours / theirs:>6.2f}", flush=True)
+            t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
+            median, ci = paired_ratio(ours, theirs)
+            paired = f"{median:.2f} [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else f"{median:.2f} [-]"
+            print(f"{name:>8} {label:>8} {buckets:>7} {mib:>5} {t_ours * 1e3:>11.1f} {t_theirs * 1e3:>11.1f} {t_ours / t_theirs:>6.2f} {paired:>17}", flush=True)
 
 
 if __name__ == "__main__":
