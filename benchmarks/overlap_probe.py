@@ -8,10 +8,12 @@ gather, all evaluated) for, rep by rep in turn (the first one rotating):
 - ``off``: ``distopt.Adamax(overlap_backward=False)``: buckets in layout order;
 - ``on``: ``distopt.Adamax()`` (``overlap_backward=True``): the last bucket first, every
   bucket's gradients scheduled before the first is reduced;
+- ``default``: ``distopt.Adamax()`` with every default (256 MiB buckets: models up to 64M
+  float32 parameters are one bucket, reduced once the whole backward pass is done);
 - ``local``: forward + backward alone, evaluated, no communication (the floor).
 
 Rank 0 prints each variant's median step and spread, and the paired per-repeat ratios
-``on/off`` and ``on/mlx_dp`` with a 90% interval (:mod:`distopt.bench.stats`):
+``on/off``, ``on/mlx_dp``, ``on/default`` ... with a 90% interval (:mod:`distopt.bench.stats`):
 
     distopt launch -n 2 benchmarks/overlap_probe.py --params 1e7 --bucket-mb 4
     distopt launch -n 2 --backend mpi benchmarks/overlap_probe.py --params 1e7 --bucket-mb 4
@@ -31,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("mlx_dp", "off", "on", "local")
+VARIANTS = ("mlx_dp", "off", "on", "default", "local")
 
 
 def parse():
@@ -67,6 +69,8 @@ class Variant:
             self.opt = optim.Adamax(1e-4)
         elif name in ("on", "off"):
             self.opt = distopt.Adamax(1e-4, group=group, bucket_bytes=int(args.bucket_mb * 2**20), overlap_backward=name == "on")
+        elif name == "default":
+            self.opt = distopt.Adamax(1e-4, group=group)
         self.times = []
 
     def step(self, record):
@@ -110,7 +114,7 @@ def rank_main(args):
           f"path {runs[VARIANTS.index('on')].opt.comm.name}, {args.repeats} repeats")
     for name in VARIANTS:
         print(f"  {name:7} step median {statistics.median(t[name]):8.1f} ms  (min {min(t[name]):.1f}, max {max(t[name]):.1f})")
-    for ours, theirs in (("on", "off"), ("on", "mlx_dp"), ("off", "mlx_dp")):
+    for ours, theirs in (("on", "off"), ("on", "mlx_dp"), ("off", "mlx_dp"), ("on", "default"), ("default", "mlx_dp")):
         median, ci = paired_ratio(t[ours], t[theirs])
         shown = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[-]"
         print(f"  {ours}/{theirs}: paired median {median:.3f}, 90% interval {shown}")
