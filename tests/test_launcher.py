@@ -176,6 +176,44 @@ def test_stopping_ssh_stops_remote_ranks(tmp_path):
     assert_all_gone(piddir, 2)
 
 
+def fake_mpirun(tmp_path, version_line):
+    """A ``--python`` whose folder holds an mpirun that prints ``version_line`` for
+    ``--version``; run otherwise it records its argv and prints one line tagged as
+    Open MPI 4.x tags (``[1,0]<stdout>:`` with no space)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    argv_file = tmp_path / "argv.txt"
+    mpirun = bin_dir / "mpirun"
+    mpirun.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then echo "{version_line}"; exit 0; fi\n'
+        f'for a in "$@"; do echo "$a"; done > {argv_file}\n'
+        "echo '[1,0]<stdout>:hello from mpirun'\n"
+    )
+    mpirun.chmod(0o755)
+    return bin_dir / "python", argv_file
+
+
+def test_open_mpi_4_gets_its_own_flags(tmp_path):
+    python, argv_file = fake_mpirun(tmp_path, "mpirun (Open MPI) 4.1.6")
+    launch = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "mpi", "-n", "2", "--python", str(python), str(SCRIPTS / "allsum.py")]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=60, env=launcher_env())
+    assert proc.returncode == 0, proc.stderr
+    argv = argv_file.read_text().split("\n")
+    assert "--tag-output" in argv and "--output" not in argv
+    assert proc.stdout == "[rank 0] hello from mpirun\n"
+
+
+def test_mpirun_of_another_mpi_is_refused(tmp_path):
+    python, argv_file = fake_mpirun(tmp_path, "HYDRA build details:")
+    launch = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "mpi", "-n", "2", "--python", str(python), str(SCRIPTS / "allsum.py")]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=60, env=launcher_env())
+    assert proc.returncode != 0
+    assert f"{python.parent / 'mpirun'} is not Open MPI's mpirun (its --version says 'HYDRA build details:'); MLX's MPI backend needs Open MPI" in proc.stderr
+    assert not argv_file.exists()  # no rank started
+
+
 # --- hostfile parsing ------------------------------------------------------------
 
 
