@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # benchmarks/bench_comm.py on a many-core host's CPU (the lent GPU machine: 16 cores, so 4
 # ranks do not share cores as on the 2-core VM): ring (tcp) and MPI (system Open MPI),
-# 2 and 4 ranks, 4-256 MiB. On the GPU machine: `source .gpu-b/setup.sh && bash benchmarks/comm_gpu_host.sh`.
+# 2 and 4 ranks, 4-256 MiB; extra arguments go to bench_comm.py (e.g. --mlx-cache-gb 8). On the GPU machine:
+# `source .gpu-b/setup.sh && bash benchmarks/comm_gpu_host.sh [ARGS]`.
 set -u
 export PYTHONUNBUFFERED=1
 nproc; python3 -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
@@ -12,6 +13,6 @@ fi
 echo "MLX_MPI_LIBNAME=$MLX_MPI_LIBNAME"; mpirun --version 2>&1 | head -1
 run() { echo "== $*"; timeout 200 python3 -m distopt.cli launch "$@" 2>&1 | grep -v "alive:"; }
 for n in 2 4; do
-  run -n $n --backend ring benchmarks/bench_comm.py --cpu --reps 15
-  run -n $n --backend mpi benchmarks/bench_comm.py --cpu --reps 15
+  run -n $n --backend ring benchmarks/bench_comm.py --cpu --reps 15 "$@"
+  run -n $n --backend mpi benchmarks/bench_comm.py --cpu --reps 15 "$@"
 done
