@@ -195,10 +195,15 @@ def fake_mpirun(tmp_path, version_line):
     return bin_dir / "python", argv_file
 
 
+def launch_mpi_with(python):
+    """``distopt launch --backend mpi -n 2 --python PYTHON allsum.py``, finished."""
+    argv = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "mpi", "-n", "2", "--python", str(python), str(SCRIPTS / "allsum.py")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=launcher_env())
+
+
 def test_open_mpi_4_gets_its_own_flags(tmp_path):
     python, argv_file = fake_mpirun(tmp_path, "mpirun (Open MPI) 4.1.6")
-    launch = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "mpi", "-n", "2", "--python", str(python), str(SCRIPTS / "allsum.py")]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=60, env=launcher_env())
+    proc = launch_mpi_with(python)
     assert proc.returncode == 0, proc.stderr
     argv = argv_file.read_text().split("\n")
     assert "--tag-output" in argv and "--output" not in argv
@@ -207,9 +212,8 @@ def test_open_mpi_4_gets_its_own_flags(tmp_path):
 
 def test_mpirun_of_another_mpi_is_refused(tmp_path):
     python, argv_file = fake_mpirun(tmp_path, "HYDRA build details:")
-    launch = [sys.executable, "-m", "distopt.cli", "launch", "--backend", "mpi", "-n", "2", "--python", str(python), str(SCRIPTS / "allsum.py")]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=60, env=launcher_env())
-    assert proc.returncode != 0
+    proc = launch_mpi_with(python)
+    assert proc.returncode == 1
     assert f"{python.parent / 'mpirun'} is not Open MPI's mpirun (its --version says 'HYDRA build details:'); MLX's MPI backend needs Open MPI" in proc.stderr
     assert not argv_file.exists()  # no rank started
 
