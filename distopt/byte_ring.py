@@ -97,10 +97,15 @@ class ByteRing:
         for view in slot(self.rank):
             view[...] = own[pos : pos + view.size]
             pos += view.size
+        self._pass_round(slot, starts)
+        return None if out is None else as_dtype(out, part.dtype)
+
+    def _pass_round(self, slot, starts):
+        """The N - 1 ring steps of an all-gather: ``slot(k)`` are the views of part k in
+        the output (elements ``starts[k]`` to ``starts[k + 1]``); this rank's is filled."""
         for s in range(self.size - 1):
             k = self.rank - s - 1
             self._step([_bytes(v) for v in slot(k + 1)], [_bytes(v) for v in slot(k)])
-        return None if out is None else as_dtype(out, part.dtype)
 
 
 
@@ -127,7 +132,9 @@ def _dtype(parts):
 
 
 class _Pieces:
-    """A flat buffer held as consecutive 1-D NumPy arrays, sliced without joining them."""
+    """A flat buffer held as consecutive NumPy arrays, sliced without joining them: 1-D
+    arrays, or 2-D ones whose rows are each contiguous (a :class:`ColumnBlock`'s wire
+    view), whose elements count row by row."""
 
     def __init__(self, arrays):
         self.arrays = arrays
@@ -136,7 +143,22 @@ class _Pieces:
 
     def range(self, lo, hi):
         """The views of ``arrays`` that hold elements ``lo`` to ``hi`` of the buffer, in order."""
-        return [self.arrays[i][a:b] for i, a, b in spans(self.starts, self.sizes, lo, hi)]
+        return [v for i, a, b in spans(self.starts, self.sizes, lo, hi) for v in _cut(self.arrays[i], a, b)]
+
+
+def _cut(array, lo, hi):
+    """Elements ``lo:hi`` of ``array`` (1-D, or 2-D counted row by row) as views: for a
+    2-D array the end of a row, the whole rows, the start of a row (those there are)."""
+    if array.ndim == 1:
+        return [array[lo:hi]]
+    width = array.shape[1]
+    first, last = -(-lo // width), hi // width  # the whole rows: first .. last - 1
+    if first > last:  # inside one row
+        return [array[last, lo - last * width : hi - last * width]]
+    head = [array[first - 1, lo - (first - 1) * width :]] if lo < first * width else []
+    rows = [array[first:last]] if first < last else []
+    tail = [array[last, : hi - last * width]] if hi > last * width else []
+    return head + rows + tail
 
 
 def _add_into(acc, own, dtype):

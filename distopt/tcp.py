@@ -21,11 +21,19 @@ dies closes its sockets, which raises :class:`ConnectionError` naming it.
 """
 
 import os
+import queue
 import socket
 import threading
+from dataclasses import dataclass
 
-from .byte_ring import ByteRing
+import numpy as np
+
+from .buffers import HALF, as_dtype, receive_buffer
+from .byte_ring import ByteRing, _add_into, _byte_views, _bytes, _Pieces
 from .group import all_gather_object
+from .layout import dtype_name
+
+CHUNK_BYTES = int(os.environ.get("DISTOPT_TCP_CHUNK_KIB", "1024")) << 10  # received, added and passed on this much at a time
 
 
 class TcpRing(ByteRing):
@@ -58,7 +66,12 @@ class TcpRing(ByteRing):
         for s in (self.right, self.left):
             s.settimeout(None)  # blocking: the watchdog sees a wait inside one system call
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peers = {"right": (self.rank + 1) % self.size, "left": (self.rank - 1) % self.size}
+        right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self.ways = [_Way(1, self.right, self.left, right, left), _Way(-1, self.left, self.right, left, right)]
+        self.ways = self.ways[: int(os.environ.get("DISTOPT_TCP_WAYS", "0"))]
+        self.peers = {"right": right, "left": left}
+        self._done = os.pipe()  # each flow of a step writes a byte here as it ends
+        self.broken = None
 
     def _step(self, outgoing, incoming):
         """Send the byte views ``outgoing`` (in order) right while receiving into the byte
@@ -82,6 +95,143 @@ class TcpRing(ByteRing):
             raise ConnectionError(f"distopt tcp: sending to rank {self.peers['right']} failed: {error[0]}")
         self.sent += sum(len(view) for view in outgoing)
         self.received += sum(len(view) for view in incoming)
+
+    def _ring_sum(self, own, counts, dtype):
+        """The reduce-scatter's ring steps, streamed both ways round the ring: the first
+        half of every part travels to rank r + 1, the second half to rank r - 1, each
+        received, added and passed on :data:`CHUNK_BYTES` at a time (the next step's
+        send starts while this step's receive goes on)."""
+        if not self.ways:
+            return super()._ring_sum(own, counts, dtype)
+        out = receive_buffer(counts[self.rank], dtype)
+        result = np.asarray(out)
+        parts = [_Pieces(views) for views in own]
+        flows = []
+        for way, (lo, hi) in zip(self.ways, _halves(counts, len(self.ways))):
+            forward = queue.SimpleQueue()
+            steps = [(self.rank - way.sign * (s + 2)) % self.size for s in range(self.size - 1)]
+            first = (self.rank - way.sign) % self.size
+            flows.append(_sender(way, parts[first].range(lo[first], hi[first]), forward))
+            flows.append(_summing_receiver(way, steps, parts, lo, hi, result, dtype, forward))
+            self.sent += sum((hi[k] - lo[k]) for k in [first, *steps[:-1]]) * result.itemsize
+            self.received += sum(hi[k] - lo[k] for k in steps) * result.itemsize
+        self._run(flows)
+        return as_dtype(out, dtype)
+
+    def _pass_round(self, slot, starts):
+        """The all-gather's ring steps, streamed both ways round the ring (the halves of
+        every part as in :meth:`_ring_sum`), each received piece passed on at once."""
+        if not self.ways:
+            return super()._pass_round(slot, starts)
+        flows = []
+        for way, (lo, hi) in zip(self.ways, _halves(np.diff(starts), len(self.ways))):
+            forward = queue.SimpleQueue()
+            half = lambda k: _Pieces(slot(k)).range(lo[k % self.size], hi[k % self.size])  # noqa: E731
+            steps = [half(self.rank - way.sign * (s + 1)) for s in range(self.size - 1)]
+            flows.append(_sender(way, half(self.rank), forward))
+            flows.append(_passing_receiver(way, steps, forward))
+            self.sent += sum(v.nbytes for views in [half(self.rank), *steps[:-1]] for v in views)
+            self.received += sum(v.nbytes for views in steps for v in views)
+        self._run(flows)
+
+    def _run(self, flows):
+        """Run each of ``flows`` in a thread of its own; wait for them inside one system
+        call at a time (a read of :attr:`_done`, which each writes to as it ends), so the
+        watchdog sees a wait for a peer as one. The first error raises at once."""
+        if self.broken:
+            raise ConnectionError(f"distopt tcp: rank {self.rank}'s ring is broken by an earlier error: {self.broken}")
+        errors = []
+
+        def run(flow):
+            try:
+                flow()
+            except Exception as e:  # noqa: BLE001  re-raised in the calling thread
+                errors.append(e)
+            finally:
+                os.write(self._done[1], b"x")
+
+        for flow in flows:
+            threading.Thread(target=run, args=(flow,), daemon=True).start()
+        for _ in flows:
+            os.read(self._done[0], 1)
+            if errors:
+                self.broken = errors[0]
+                raise errors[0]
+
+
+@dataclass
+class _Way:
+    """One direction round the ring: ``sign`` +1 sends to rank r + 1 (on ``send``) and
+    receives from rank r - 1 (on ``receive``); -1 the other way, on the same sockets."""
+
+    sign: int
+    send: socket.socket
+    receive: socket.socket
+    to: int
+    source: int
+
+
+def _halves(counts, ways):
+    """``(lo, hi)`` per direction: part k's elements ``lo[k]:hi[k]`` go that way round."""
+    cuts = [[c * i // ways for c in counts] for i in range(ways + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(ways)]
+
+
+def _sender(way, first, forward):
+    """Send ``first`` (views), then each view ``forward`` hands over until ``None``."""
+
+    def send():
+        try:
+            _send_all(way.send, [v for a in first for v in _byte_views(a)])
+            while (view := forward.get()) is not None:
+                _send_all(way.send, [view])
+        except OSError as e:
+            raise ConnectionError(f"distopt tcp: sending to rank {way.to} failed: {e}") from e
+
+    return send
+
+
+def _summing_receiver(way, steps, parts, lo, hi, result, dtype, forward):
+    """Receive part ``steps[s]``'s half in step s chunk by chunk, add this rank's values
+    and hand each chunk to the sender (the last step's sum, this rank's own part, goes
+    into ``result``)."""
+    scratch = np.uint16 if dtype in HALF.values() else np.dtype(dtype_name(dtype))
+
+    def receive():
+        try:
+            for s, k in enumerate(steps):
+                last = s == len(steps) - 1
+                got = result[lo[k] : hi[k]] if last else np.empty(hi[k] - lo[k], scratch)
+                step = CHUNK_BYTES // got.itemsize
+                for c in range(0, got.size, step):
+                    chunk = got[c : c + step]
+                    _recv_into(way.receive, _bytes(chunk), way.source)
+                    _add_into(chunk, parts[k].range(lo[k] + c, lo[k] + c + chunk.size), dtype)
+                    if not last:
+                        forward.put(_bytes(chunk))
+        finally:
+            forward.put(None)
+
+    return receive
+
+
+def _passing_receiver(way, steps, forward):
+    """Receive into the views ``steps[s]`` in step s chunk by chunk, handing each chunk
+    but the last step's to the sender."""
+
+    def receive():
+        try:
+            for s, views in enumerate(steps):
+                for view in views:
+                    data = _bytes(view)
+                    for c in range(0, len(data), CHUNK_BYTES):
+                        _recv_into(way.receive, data[c : c + CHUNK_BYTES], way.source)
+                        if s < len(steps) - 1:
+                            forward.put(data[c : c + CHUNK_BYTES])
+        finally:
+            forward.put(None)
+
+    return receive
 
 
 def _send_all(sock, views):

@@ -42,6 +42,20 @@ def test_every_path_moves_minimal_bytes_and_matches_mlx(backend, n):
             assert "OK refusals" in lines
 
 
+@pytest.mark.parametrize("ways", [0, 1, 2])
+def test_tcp_ring_schedules_in_small_chunks(ways):
+    """Each tcp schedule (``DISTOPT_TCP_WAYS``: step by step, streamed one way, both
+    ways) on 3 ranks, 1 KiB chunks so that every part streams in many: bitwise sums,
+    bytes and parity as above."""
+    env = {"DISTOPT_TCP_WAYS": str(ways), "DISTOPT_TCP_CHUNK_KIB": "1"}
+    code, out, err = run_ranks(3, "comm_check.py", "tcp", backend="ring", timeout=150, env=env)
+    assert code == 0, f"exit {code}\n{out[-4000:]}\n{err[-4000:]}"
+    for rank in range(3):
+        lines = rank_lines(out, rank)
+        for check in ("collectives", "parity", "parity compiled"):
+            assert any(line.startswith(f"OK tcp {check}") for line in lines), (rank, check, out[-3000:])
+
+
 EDGES = [0.0, -0.0, 1.0, -1.0, 3.0e-8, 6.0e-5, 1.0e-40, 65504.0, 60000.0, 3.0e38, float("inf"), float("-inf"), float("nan"), 1.5, 0.1, 2.0**-14]
 
 

@@ -17,21 +17,26 @@ from fault_harness import checkpoint_problem, printed_checkpoints, run_fault  # 
 
 DEADLINE = 5.0
 
-# (backend, n, fault, rank, step, expected exit code, texts the output must hold)
+# (backend, n, fault, rank, step, expected exit code, texts the output must hold, env)
+STREAMED = {"DISTOPT_TCP_WAYS": "2"}  # the tcp ring streamed both ways (see distopt.tcp)
 CASES = [
-    ("ring", 2, "kill9", 1, 8, 137, ["rank 1 was killed by SIGKILL; stopping the other ranks"]),
-    ("mpi", 4, "kill9", 2, 8, None, ["prterun noticed that process rank 2", "signal 9 (Killed)"]),
-    ("mpi", 2, "raise", 1, 8, None, ["RuntimeError: injected fault at step 8"]),
-    ("ring", 4, "hang", 2, 8, 124, ["watchdog: no progress", "step 8 did not complete", "exited with code 124"]),
-    ("ring", 2, "nojoin", 1, 0, 137, ["init of the ring backend did not complete within 5 s"]),
-    ("mpi", 2, "sigterm", 0, 8, 143, ["received SIGTERM; stopping all ranks"]),
+    ("ring", 2, "kill9", 1, 8, 137, ["rank 1 was killed by SIGKILL; stopping the other ranks"], {}),
+    ("ring", 2, "kill9", 1, 8, 137, ["rank 1 was killed by SIGKILL; stopping the other ranks"], STREAMED),
+    ("mpi", 4, "kill9", 2, 8, None, ["prterun noticed that process rank 2", "signal 9 (Killed)"], {}),
+    ("mpi", 2, "raise", 1, 8, None, ["RuntimeError: injected fault at step 8"], {}),
+    ("ring", 4, "hang", 2, 8, 124, ["watchdog: no progress", "step 8 did not complete", "exited with code 124"], {}),
+    ("ring", 4, "hang", 2, 8, 124, ["watchdog: no progress", "step 8 did not complete", "exited with code 124"], STREAMED),
+    ("ring", 2, "nojoin", 1, 0, 137, ["init of the ring backend did not complete within 5 s"], {}),
+    ("mpi", 2, "sigterm", 0, 8, 143, ["received SIGTERM; stopping all ranks"], {}),
 ]
 
 
-@pytest.mark.parametrize("backend,n,fault,rank,step,code,texts", CASES, ids=[f"{c[0]}-n{c[1]}-{c[2]}" for c in CASES])
-def test_fault_ends_the_job(backend, n, fault, rank, step, code, texts, tmp_path):
+@pytest.mark.parametrize(
+    "backend,n,fault,rank,step,code,texts,env", CASES, ids=[f"{c[0]}-n{c[1]}-{c[2]}{'-streamed' if c[7] else ''}" for c in CASES]
+)
+def test_fault_ends_the_job(backend, n, fault, rank, step, code, texts, env, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run = run_fault(backend, n, fault, rank, step, deadline=DEADLINE, steps=40, ckpt=ckpt, limit=120)
+    run = run_fault(backend, n, fault, rank, step, deadline=DEADLINE, steps=40, ckpt=ckpt, limit=120, env=env)
     assert run.code != 0, run.text
     if code is not None:
         assert run.code == code, run.text
