@@ -11,13 +11,28 @@ accepts rank r - 1, on the address the ring hostfile gives it, at a port the
 kernel picks (exchanged with one ``all_gather``).
 
 The ring algorithms are :class:`distopt.byte_ring.ByteRing`'s; this module is their
-transport: in each step a thread sends to the right while the main thread receives
-from the left straight into an MLX buffer (``recv_into`` a NumPy view of it). Every
-send has a receiver that is already reading, so no rank waits on one that is itself
-sending: no deadlock for any N and size. The sockets block without a timeout of
-their own, like MLX's collectives: a peer that hangs is caught by
-:mod:`distopt.watchdog` (the wait stays inside one system call), and a peer that
-dies closes its sockets, which raises :class:`ConnectionError` naming it.
+transport, in one of three schedules (``DISTOPT_TCP_WAYS``):
+
+- ``0`` (default): step by step. In each step a thread sends to the right while the
+  main thread receives from the left straight into an MLX buffer (``recv_into`` a
+  NumPy view of it), then adds.
+- ``1``: streamed. A sender thread and a receiver thread run the whole ring at once:
+  the receiver takes each step's part a chunk (``DISTOPT_TCP_CHUNK_KIB``, default
+  1 MiB) at a time, adds this rank's values and hands the chunk to the sender,
+  which passes it on while the next chunk arrives (MLX's ring ``all_sum`` pipelines
+  the same way). Meant for hosts with cores to spare; on a 2-core VM it was no faster
+  (README, Communication).
+- ``2``: streamed both ways: the first half of every part goes to rank r + 1, the rest
+  to rank r - 1 over the same two sockets (TCP is full duplex), so from 3 ranks on both
+  directions of every link carry data.
+
+Every send has a receiver that is already reading (or data the kernel buffers for
+it), and a receiver never waits on its own rank's sender, so no rank waits on one
+that is itself sending: no deadlock for any N and size. The sockets block without a
+timeout of their own, like MLX's collectives: a peer that hangs is caught by
+:mod:`distopt.watchdog` (the main thread's wait stays inside one system call: a
+``recv``, or the read of a pipe the streaming threads write to as they end), and a
+peer that dies closes its sockets, which raises :class:`ConnectionError` naming it.
 """
 
 import os
@@ -33,7 +48,7 @@ from .byte_ring import ByteRing, _add_into, _byte_views, _bytes, _Pieces
 from .group import all_gather_object
 from .layout import dtype_name
 
-CHUNK_BYTES = int(os.environ.get("DISTOPT_TCP_CHUNK_KIB", "1024")) << 10  # received, added and passed on this much at a time
+CHUNK_KIB = 1024  # streamed: received, added and passed on this much at a time (DISTOPT_TCP_CHUNK_KIB)
 
 
 class TcpRing(ByteRing):
@@ -45,6 +60,7 @@ class TcpRing(ByteRing):
     """
 
     def __init__(self, group, host):
+        ways, chunk = _schedule()  # before any collective: a bad value fails here, on every rank
         self.rank, self.size = group.rank(), group.size()
         self.sent = self.received = 0
         listener = socket.create_server((host, 0))
@@ -67,8 +83,8 @@ class TcpRing(ByteRing):
             s.settimeout(None)  # blocking: the watchdog sees a wait inside one system call
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self.ways = [_Way(1, self.right, self.left, right, left), _Way(-1, self.left, self.right, left, right)]
-        self.ways = self.ways[: int(os.environ.get("DISTOPT_TCP_WAYS", "0"))]
+        both = [_Way(1, self.right, self.left, right, left, chunk), _Way(-1, self.left, self.right, left, right, chunk)]
+        self.ways = both[:ways]  # none: step by step
         self.peers = {"right": right, "left": left}
         self._done = os.pipe()  # each flow of a step writes a byte here as it ends
         self.broken = None
@@ -99,7 +115,7 @@ class TcpRing(ByteRing):
     def _ring_sum(self, own, counts, dtype):
         """The reduce-scatter's ring steps, streamed both ways round the ring: the first
         half of every part travels to rank r + 1, the second half to rank r - 1, each
-        received, added and passed on :data:`CHUNK_BYTES` at a time (the next step's
+        received, added and passed on a chunk at a time (the next step's
         send starts while this step's receive goes on)."""
         if not self.ways:
             return super()._ring_sum(own, counts, dtype)
@@ -126,11 +142,11 @@ class TcpRing(ByteRing):
         flows = []
         for way, (lo, hi) in zip(self.ways, _halves(np.diff(starts), len(self.ways))):
             forward = queue.SimpleQueue()
-            half = lambda k: _Pieces(slot(k)).range(lo[k % self.size], hi[k % self.size])  # noqa: E731
-            steps = [half(self.rank - way.sign * (s + 1)) for s in range(self.size - 1)]
-            flows.append(_sender(way, half(self.rank), forward))
+            half = [_Pieces(slot(k)).range(lo[k], hi[k]) for k in range(self.size)]  # this way's views of part k
+            steps = [half[(self.rank - way.sign * (s + 1)) % self.size] for s in range(self.size - 1)]
+            flows.append(_sender(way, half[self.rank], forward))
             flows.append(_passing_receiver(way, steps, forward))
-            self.sent += sum(v.nbytes for views in [half(self.rank), *steps[:-1]] for v in views)
+            self.sent += sum(v.nbytes for views in [half[self.rank], *steps[:-1]] for v in views)
             self.received += sum(v.nbytes for views in steps for v in views)
         self._run(flows)
 
@@ -169,6 +185,18 @@ class _Way:
     receive: socket.socket
     to: int
     source: int
+    chunk: int  # bytes received, added and passed on at a time
+
+
+def _schedule():
+    """``(ways, chunk bytes)`` from ``DISTOPT_TCP_WAYS`` (0 step by step, the default; 1 or
+    2 streamed ways) and ``DISTOPT_TCP_CHUNK_KIB``."""
+    ways, chunk = os.environ.get("DISTOPT_TCP_WAYS", "0"), os.environ.get("DISTOPT_TCP_CHUNK_KIB", str(CHUNK_KIB))
+    if ways not in ("0", "1", "2"):
+        raise ValueError(f"DISTOPT_TCP_WAYS={ways!r}: expected 0 (step by step), 1 (streamed one way) or 2 (both ways round the ring).")
+    if not chunk.isdigit() or int(chunk) < 1:
+        raise ValueError(f"DISTOPT_TCP_CHUNK_KIB={chunk!r}: expected a whole number of KiB, at least 1.")
+    return int(ways), int(chunk) << 10
 
 
 def _halves(counts, ways):
@@ -202,7 +230,7 @@ def _summing_receiver(way, steps, parts, lo, hi, result, dtype, forward):
             for s, k in enumerate(steps):
                 last = s == len(steps) - 1
                 got = result[lo[k] : hi[k]] if last else np.empty(hi[k] - lo[k], scratch)
-                step = CHUNK_BYTES // got.itemsize
+                step = way.chunk // got.itemsize
                 for c in range(0, got.size, step):
                     chunk = got[c : c + step]
                     _recv_into(way.receive, _bytes(chunk), way.source)
@@ -224,10 +252,10 @@ def _passing_receiver(way, steps, forward):
             for s, views in enumerate(steps):
                 for view in views:
                     data = _bytes(view)
-                    for c in range(0, len(data), CHUNK_BYTES):
-                        _recv_into(way.receive, data[c : c + CHUNK_BYTES], way.source)
+                    for c in range(0, len(data), way.chunk):
+                        _recv_into(way.receive, data[c : c + way.chunk], way.source)
                         if s < len(steps) - 1:
-                            forward.put(data[c : c + CHUNK_BYTES])
+                            forward.put(data[c : c + way.chunk])
         finally:
             forward.put(None)
 

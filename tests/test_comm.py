@@ -56,6 +56,16 @@ def test_tcp_ring_schedules_in_small_chunks(ways):
             assert any(line.startswith(f"OK tcp {check}") for line in lines), (rank, check, out[-3000:])
 
 
+@pytest.mark.parametrize("name,value,expected", [
+    ("DISTOPT_TCP_WAYS", "3", "DISTOPT_TCP_WAYS='3': expected 0 (step by step), 1 (streamed one way) or 2 (both ways round the ring)."),
+    ("DISTOPT_TCP_CHUNK_KIB", "0.5", "DISTOPT_TCP_CHUNK_KIB='0.5': expected a whole number of KiB, at least 1."),
+])
+def test_bad_tcp_schedule_is_refused(name, value, expected):
+    code, out, err = run_ranks(2, "comm_check.py", "tcp", backend="ring", timeout=60, env={name: value})
+    assert code == 1, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    assert f"ValueError: {expected}" in out + err, out[-3000:] + err[-3000:]
+
+
 EDGES = [0.0, -0.0, 1.0, -1.0, 3.0e-8, 6.0e-5, 1.0e-40, 65504.0, 60000.0, 3.0e38, float("inf"), float("-inf"), float("nan"), 1.5, 0.1, 2.0**-14]
 
 
