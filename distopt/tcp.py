@@ -113,10 +113,10 @@ class TcpRing(ByteRing):
         self.received += sum(len(view) for view in incoming)
 
     def _ring_sum(self, own, counts, dtype):
-        """The reduce-scatter's ring steps, streamed both ways round the ring: the first
-        half of every part travels to rank r + 1, the second half to rank r - 1, each
-        received, added and passed on a chunk at a time (the next step's
-        send starts while this step's receive goes on)."""
+        """The reduce-scatter's ring steps, streamed (step by step with no ways): part k's
+        elements ``lo[k]:hi[k]`` of each way (:func:`_halves`) are received, added and
+        passed on a chunk at a time, so the next step's send starts while this step's
+        receive goes on."""
         if not self.ways:
             return super()._ring_sum(own, counts, dtype)
         out = receive_buffer(counts[self.rank], dtype)
@@ -135,8 +135,8 @@ class TcpRing(ByteRing):
         return as_dtype(out, dtype)
 
     def _pass_round(self, slot, starts):
-        """The all-gather's ring steps, streamed both ways round the ring (the halves of
-        every part as in :meth:`_ring_sum`), each received piece passed on at once."""
+        """The all-gather's ring steps, streamed as in :meth:`_ring_sum` (the same split of
+        every part between the ways), each received chunk passed on at once."""
         if not self.ways:
             return super()._pass_round(slot, starts)
         flows = []
