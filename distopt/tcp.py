@@ -43,10 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .buffers import HALF, as_dtype, receive_buffer
+from .buffers import as_dtype, receive_buffer
 from .byte_ring import ByteRing, _add_into, _byte_views, _bytes, _Pieces
 from .group import all_gather_object
-from .layout import dtype_name
 
 CHUNK_KIB = 1024  # streamed: received, added and passed on this much at a time (DISTOPT_TCP_CHUNK_KIB)
 
@@ -223,13 +222,11 @@ def _summing_receiver(way, steps, parts, lo, hi, result, dtype, forward):
     """Receive part ``steps[s]``'s half in step s chunk by chunk, add this rank's values
     and hand each chunk to the sender (the last step's sum, this rank's own part, goes
     into ``result``)."""
-    scratch = np.uint16 if dtype in HALF.values() else np.dtype(dtype_name(dtype))
-
     def receive():
         try:
             for s, k in enumerate(steps):
                 last = s == len(steps) - 1
-                got = result[lo[k] : hi[k]] if last else np.empty(hi[k] - lo[k], scratch)
+                got = result[lo[k] : hi[k]] if last else np.empty(hi[k] - lo[k], result.dtype)
                 step = way.chunk // got.itemsize
                 for c in range(0, got.size, step):
                     chunk = got[c : c + step]
