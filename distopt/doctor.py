@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .group import find_libmpi
 from .hostfile import HostfileError, load_hostfile
-from .launcher import DEFAULT_RING_PORT, is_local, ssh_argv
+from .launcher import DEFAULT_RING_PORT, is_local, mpirun_version, ssh_argv
 
 STATUSES = ("ok", "warn", "fail")
 
@@ -116,12 +116,10 @@ def check_mpi(libname=None):
 
 
 def _openmpi_version(mpirun):
-    try:
-        out = subprocess.run([str(mpirun), "--version"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
+    first = mpirun_version(mpirun)
+    if first is None:
         return "Open MPI (version unknown)"
-    first = out.strip().splitlines()[0] if out.strip() else "Open MPI"
-    return first.replace("mpirun (Open MPI)", "Open MPI").strip()
+    return (first or "Open MPI").replace("mpirun (Open MPI)", "Open MPI").strip()
 
 
 def check_mpi_libname(value, default):

