@@ -95,8 +95,8 @@ class TcpRing(ByteRing):
 
         def send():
             try:
-                _send_all(self.right, outgoing)
-            except OSError as e:
+                _send_all(self.right, outgoing, self.peers["right"])
+            except ConnectionError as e:
                 error.append(e)
 
         sender = threading.Thread(target=send, daemon=True)
@@ -107,7 +107,7 @@ class TcpRing(ByteRing):
         finally:
             sender.join()
         if error:
-            raise ConnectionError(f"distopt tcp: sending to rank {self.peers['right']} failed: {error[0]}")
+            raise error[0]
         self.sent += sum(len(view) for view in outgoing)
         self.received += sum(len(view) for view in incoming)
 
@@ -208,12 +208,9 @@ def _sender(way, first, forward):
     """Send ``first`` (views), then each view ``forward`` hands over until ``None``."""
 
     def send():
-        try:
-            _send_all(way.send, [v for a in first for v in _byte_views(a)])
-            while (view := forward.get()) is not None:
-                _send_all(way.send, [view])
-        except OSError as e:
-            raise ConnectionError(f"distopt tcp: sending to rank {way.to} failed: {e}") from e
+        _send_all(way.send, [v for a in first for v in _byte_views(a)], way.to)
+        while (view := forward.get()) is not None:
+            _send_all(way.send, [view], way.to)
 
     return send
 
@@ -259,11 +256,15 @@ def _passing_receiver(way, steps, forward):
     return receive
 
 
-def _send_all(sock, views):
-    """Send the byte ``views`` in order, gathering up to 1024 (IOV_MAX) per ``sendmsg``."""
+def _send_all(sock, views, peer):
+    """Send the byte ``views`` in order, gathering up to 1024 (IOV_MAX) per ``sendmsg``;
+    a failing socket raises ConnectionError naming rank ``peer``."""
     views, i = list(views), 0
     while i < len(views):
-        sent = sock.sendmsg(views[i : i + 1024])
+        try:
+            sent = sock.sendmsg(views[i : i + 1024])
+        except OSError as e:
+            raise ConnectionError(f"distopt tcp: sending to rank {peer} failed: {e}") from e
         while i < len(views) and sent >= len(views[i]):
             sent -= len(views[i])
             i += 1

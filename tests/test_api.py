@@ -332,5 +332,5 @@ def test_tcp_send_all_resumes_partial_sends_across_views():
     views = _byte_views(block) + [memoryview(b"")] + _byte_views(np.arange(5, dtype=np.float32))
     assert len(views) == 3000 + 2
     sock = Trickle()
-    _send_all(sock, views)
+    _send_all(sock, views, 1)
     assert bytes(sock.got) == np.ascontiguousarray(block).tobytes() + np.arange(5, dtype=np.float32).tobytes()
