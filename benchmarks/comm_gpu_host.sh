@@ -3,15 +3,13 @@
 # ranks do not share cores as on the 2-core VM): ring (tcp) and MPI (system Open MPI),
 # 2 and 4 ranks, 4-256 MiB; extra arguments go to bench_comm.py (e.g. --mlx-cache-gb 8). On the GPU machine:
 # `source .gpu-b/setup.sh && bash benchmarks/comm_gpu_host.sh [ARGS]`.
-set -u
-export PYTHONUNBUFFERED=1
-nproc; python3 -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
+RUN_TIMEOUT=200
+source "$(dirname "$0")/host_preamble.sh"
 if [ -z "${MLX_MPI_LIBNAME:-}" ]; then
   MLX_MPI_LIBNAME=$(ls /usr/lib/x86_64-linux-gnu/libmpi.so.40 /usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so.40 2>/dev/null | head -1)
   export MLX_MPI_LIBNAME
 fi
 echo "MLX_MPI_LIBNAME=$MLX_MPI_LIBNAME"; mpirun --version 2>&1 | head -1
-run() { echo "== $*"; timeout 200 python3 -m distopt.cli launch "$@" 2>&1 | grep -v "alive:"; }
 for n in 2 4; do
   run -n $n --backend ring benchmarks/bench_comm.py --cpu --reps 15 "$@"
   run -n $n --backend mpi benchmarks/bench_comm.py --cpu --reps 15 "$@"
