@@ -31,6 +31,8 @@ class ByteRing:
     """The ring algorithms; a subclass gives the transport (:meth:`_step`) and sets
     ``rank``, ``size`` and the byte counters ``sent`` and ``received``."""
 
+    _kept = None  # the reduce-scatter's two scratch buffers (:meth:`_scratch`), per ring
+
     def _step(self, outgoing, incoming):
         """Send the byte views ``outgoing`` (in order) to rank r + 1 while receiving into
         the byte views ``incoming`` (in order) from rank r - 1."""
@@ -72,12 +74,30 @@ class ByteRing:
             if s == self.size - 2:  # k is this rank's part: the result, an MLX buffer
                 out = receive_buffer(counts[k], dtype)
                 got = np.asarray(out)
-            else:  # a running sum passed on next step: NumPy scratch, not zero-filled
-                got = np.empty(counts[k], np.uint16 if dtype in HALF.values() else np.dtype(dtype_name(dtype)))
+            else:  # a running sum passed on next step: scratch, kept between calls
+                got = self._scratch(s % 2, counts[k], np.uint16 if dtype in HALF.values() else np.dtype(dtype_name(dtype)))
             self._step([v for a in acc for v in _byte_views(a)], [_bytes(got)])
             _add_into(got, own[k], dtype)
             acc = [got]
         return as_dtype(out, dtype)
+
+    def _scratch(self, which, n, dtype):
+        """Scratch buffer ``which`` (0 or 1: a step receives into one while it sends the
+        other) as ``n`` elements of NumPy ``dtype``; kept for the next call, grown as needed.
+
+        Kept because fresh memory costs: the kernel faults in and zeroes every page of a
+        new large buffer as the socket or MPI first writes it, which took about 10% of
+        the ring's time with 4 ranks on 2 cores (256 MiB: 403-412 ms kept against
+        447-467 ms fresh). Two parts of the largest bucket at most (none with 2 ranks):
+        less than the flat reduce buffers of ``memory_report``, which the ring paths do
+        not build (they read the gradients where they lie)."""
+        nbytes = n * np.dtype(dtype).itemsize
+        if self._kept is None:
+            self._kept = [None, None]
+        if self._kept[which] is None or self._kept[which].nbytes < nbytes:
+            self._kept[which] = None  # the smaller one goes first
+            self._kept[which] = np.empty(nbytes, np.uint8)
+        return self._kept[which][:nbytes].view(dtype)
 
     def all_gather(self, part, counts, into=None):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements).
