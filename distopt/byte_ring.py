@@ -85,12 +85,14 @@ class ByteRing:
         """Scratch buffer ``which`` (0 or 1: a step receives into one while it sends the
         other) as ``n`` elements of NumPy ``dtype``; kept for the next call, grown as needed.
 
-        Kept because fresh memory costs: the kernel faults in and zeroes every page of a
-        new large buffer as the socket or MPI first writes it, which took about 10% of
-        the ring's time with 4 ranks on 2 cores (256 MiB: 403-412 ms kept against
-        447-467 ms fresh). Two parts of the largest bucket at most (none with 2 ranks):
-        less than the flat reduce buffers of ``memory_report``, which the ring paths do
-        not build (they read the gradients where they lie)."""
+        Kept because fresh memory costs: a new large buffer's pages are faulted in and
+        zeroed by the kernel as the socket or MPI first writes them. With 4 ranks on 2
+        cores a reduce-scatter + all-gather took 0.68-0.98x the time with kept buffers
+        (MPI) and 0.80-0.91x from 16 MiB (``tcp``) (``benchmarks/scratch_probe.py``),
+        and an MLP 100M's optimizer step 822 against 1421 ms (MPI). Two parts of the
+        largest bucket at most (none with 2 ranks, one with 3): less than the flat reduce
+        buffers of ``memory_report``, which the ring paths do not build (they read the
+        gradients where they lie)."""
         nbytes = n * np.dtype(dtype).itemsize
         if self._kept is None:
             self._kept = [None, None]
