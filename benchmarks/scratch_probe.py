@@ -31,7 +31,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="4,16,64,256", help="MiB, comma-separated")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--cpu", action="store_true", help="keep the buffers on the CPU (MLX CUDA builds)")
     args = parser.parse_args()
+    if args.cpu:
+        mx.set_default_device(mx.cpu)
     group = distopt.init()
     mx.set_cache_limit(8 << 30)  # as the optimizer raises it: MLX's own buffers come from its cache
     comm = make_communicator(group)
