@@ -176,10 +176,10 @@ def test_stopping_ssh_stops_remote_ranks(tmp_path):
     assert_all_gone(piddir, 2)
 
 
-def fake_mpirun(tmp_path, version_line):
+def fake_mpirun(tmp_path, version_line, before=""):
     """A ``--python`` whose folder holds an mpirun that prints ``version_line`` for
-    ``--version``; run otherwise it records its argv and prints one line tagged as
-    Open MPI 4.x tags (``[1,0]<stdout>:`` with no space)."""
+    ``--version``; run otherwise it runs the shell lines ``before``, records its argv and
+    prints one line tagged as Open MPI 4.x tags (``[1,0]<stdout>:`` with no space)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
@@ -188,6 +188,7 @@ def fake_mpirun(tmp_path, version_line):
     mpirun.write_text(
         "#!/bin/sh\n"
         f'if [ "$1" = "--version" ]; then echo "{version_line}"; exit 0; fi\n'
+        + before +
         f'for a in "$@"; do echo "$a"; done > {argv_file}\n'
         "echo '[1,0]<stdout>:hello from mpirun'\n"
     )
@@ -208,6 +209,39 @@ def test_open_mpi_4_gets_its_own_flags(tmp_path):
     argv = argv_file.read_text().split("\n")
     assert "--tag-output" in argv and "--output" not in argv
     assert proc.stdout == "[rank 0] hello from mpirun\n"
+
+
+def pmix_failure(tmp_path, times):
+    """Shell lines for :func:`fake_mpirun`: the first ``times`` runs fail as Open MPI 5's
+    mpirun does when its PMIx server does not start (exit 213, before any rank)."""
+    runs = tmp_path / "runs"
+    return (
+        f"echo run >> {runs}\n"
+        f'if [ "$(wc -l < {runs})" -le {times} ]; then\n'
+        "  echo \"The PMIx server's listener thread failed to start. We cannot\" >&2\n"
+        "  echo 'continue.' >&2; exit 213\n"
+        "fi\n"
+    ), runs
+
+
+def test_mpirun_that_fails_to_start_its_pmix_server_is_started_once_more(tmp_path):
+    before, runs = pmix_failure(tmp_path, times=1)
+    python, argv_file = fake_mpirun(tmp_path, "mpirun (Open MPI) 5.0.11", before)
+    proc = launch_mpi_with(python)
+    assert proc.returncode == 0, proc.stderr
+    assert "distopt launch: mpirun's PMIx server did not start (an Open MPI start-up failure; no rank ran); starting mpirun once more" in proc.stderr
+    assert proc.stdout == "[rank 0] hello from mpirun\n"
+    assert runs.read_text() == "run\nrun\n"
+
+
+def test_mpirun_whose_pmix_server_fails_twice_is_not_retried_again(tmp_path):
+    before, runs = pmix_failure(tmp_path, times=5)
+    python, argv_file = fake_mpirun(tmp_path, "mpirun (Open MPI) 5.0.11", before)
+    proc = launch_mpi_with(python)
+    assert proc.returncode == 213
+    assert proc.stderr.count("starting mpirun once more") == 1
+    assert proc.stderr.rstrip().endswith("distopt launch: mpirun exited with code 213")
+    assert runs.read_text() == "run\nrun\n" and not argv_file.exists()
 
 
 def test_mpirun_of_another_mpi_is_refused(tmp_path):
