@@ -425,7 +425,8 @@ def _exit_code(code):
 
 
 def _say(message):
-    print(f"distopt launch: {message}", file=sys.stderr, flush=True)
+    with _OUTPUT_LOCK:  # whole lines, never inside one a rank is writing
+        print(f"distopt launch: {message}", file=sys.stderr, flush=True)
 
 
 def _pump(stream, dest, tag, lock):
@@ -462,7 +463,7 @@ def supervise(processes, timeout=None, grace=GRACE_SECONDS):
                 if isinstance(process.output, _MpiOutput):
                     process.output.reported = lambda i=index: events.put(("reported", i))
                 readers += _start_readers(popen, process.output)
-                _start_waiter(index, popen, events)
+                _start_waiter(index, popen, events, readers[-2:])
         except OSError as e:
             _stop(running, signal.SIGKILL)
             raise LaunchError(f"cannot start {processes[len(running)].argv[0]}: {e.strerror}") from None
@@ -498,9 +499,16 @@ def _start_readers(popen, tag):
 _OUTPUT_LOCK = threading.Lock()
 
 
-def _start_waiter(index, popen, events):
+def _start_waiter(index, popen, events, readers):
+    """Report the exit of ``popen`` once its output is forwarded (its last words come
+    before the launcher's own about it), or after 0.5 s if a child it left holds them open."""
+
     def wait():
-        events.put(("exit", index, popen.wait()))
+        code = popen.wait()
+        drained = time.monotonic() + 0.5
+        for reader in readers:
+            reader.join(timeout=max(0.0, drained - time.monotonic()))
+        events.put(("exit", index, code))
 
     threading.Thread(target=wait, daemon=True).start()
 
