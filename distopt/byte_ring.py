@@ -31,7 +31,7 @@ class ByteRing:
     """The ring algorithms; a subclass gives the transport (:meth:`_step`) and sets
     ``rank``, ``size`` and the byte counters ``sent`` and ``received``."""
 
-    _kept = None  # the reduce-scatter's two scratch buffers (:meth:`_scratch`), per ring
+    _kept = None  # scratch buffers kept between calls (:meth:`_scratch`), per ring
 
     def _step(self, outgoing, incoming):
         """Send the byte views ``outgoing`` (in order) to rank r + 1 while receiving into
@@ -81,25 +81,28 @@ class ByteRing:
             acc = [got]
         return as_dtype(out, dtype)
 
-    def _scratch(self, which, n, dtype):
-        """Scratch buffer ``which`` (0 or 1: a step receives into one while it sends the
-        other) as ``n`` elements of NumPy ``dtype``; kept for the next call, grown as needed.
+    def _scratch(self, key, n, dtype):
+        """Scratch buffer ``key`` as ``n`` elements of NumPy ``dtype``; kept for the next
+        call, grown as needed. The step-by-step reduce-scatter uses keys 0 and 1 (a step
+        receives into one while it sends the other); a streamed one (:mod:`distopt.tcp`)
+        one key per way and middle step, since a chunk waits in its sender's queue.
 
         Kept because fresh memory costs: a new large buffer's pages are faulted in and
         zeroed by the kernel as the socket or MPI first writes them. With 4 ranks on 2
         cores a reduce-scatter + all-gather took 0.68-0.98x the time with kept buffers
         (MPI) and 0.80-0.91x from 16 MiB (``tcp``) (``benchmarks/scratch_probe.py``),
-        and an MLP 100M's optimizer step 822 against 1421 ms (MPI). Two parts of the
-        largest bucket at most (none with 2 ranks, one with 3): less than the flat reduce
-        buffers of ``memory_report``, which the ring paths do not build (they read the
-        gradients where they lie)."""
+        and an MLP 100M's optimizer step 822 against 1421 ms (MPI). Step by step: two
+        parts of the largest bucket at most (none with 2 ranks, one with 3); streamed,
+        N - 2 parts: less than the largest bucket, so less than the flat reduce buffers
+        of ``memory_report``, which the ring paths do not build (they read the gradients
+        where they lie)."""
         nbytes = n * np.dtype(dtype).itemsize
         if self._kept is None:
-            self._kept = [None, None]
-        if self._kept[which] is None or self._kept[which].nbytes < nbytes:
-            self._kept[which] = None  # the smaller one goes first
-            self._kept[which] = np.empty(nbytes, np.uint8)
-        return self._kept[which][:nbytes].view(dtype)
+            self._kept = {}
+        if key not in self._kept or self._kept[key].nbytes < nbytes:
+            self._kept.pop(key, None)  # the smaller one goes first
+            self._kept[key] = np.empty(nbytes, np.uint8)
+        return self._kept[key][:nbytes].view(dtype)
 
     def all_gather(self, part, counts, into=None):
         """The concatenation of every rank's ``part`` (rank k holds ``counts[k]`` elements).

@@ -122,12 +122,15 @@ class TcpRing(ByteRing):
         result = np.asarray(out)
         parts = [_Pieces(views) for views in own]
         flows = []
-        for way, (lo, hi) in zip(self.ways, _halves(counts, len(self.ways))):
+        for w, (way, (lo, hi)) in enumerate(zip(self.ways, _halves(counts, len(self.ways)))):
             forward = queue.SimpleQueue()
             steps = [(self.rank - way.sign * (s + 2)) % self.size for s in range(self.size - 1)]
             first = (self.rank - way.sign) % self.size
+            # where each step's running sum lands: kept scratch, the last step's in the result
+            into = [self._scratch(("way", w, s), hi[k] - lo[k], result.dtype) for s, k in enumerate(steps[:-1])]
+            into.append(result[lo[steps[-1]] : hi[steps[-1]]])
             flows.append(_sender(way, parts[first].range(lo[first], hi[first]), forward))
-            flows.append(_summing_receiver(way, steps, parts, lo, hi, result, dtype, forward))
+            flows.append(_summing_receiver(way, steps, parts, lo, into, dtype, forward))
             self.sent += sum((hi[k] - lo[k]) for k in [first, *steps[:-1]]) * result.itemsize
             self.received += sum(hi[k] - lo[k] for k in steps) * result.itemsize
         self._run(flows)
@@ -215,21 +218,20 @@ def _sender(way, first, forward):
     return send
 
 
-def _summing_receiver(way, steps, parts, lo, hi, result, dtype, forward):
-    """Receive part ``steps[s]``'s half in step s chunk by chunk, add this rank's values
-    and hand each chunk to the sender (the last step's sum, this rank's own part, goes
-    into ``result``)."""
+def _summing_receiver(way, steps, parts, lo, into, dtype, forward):
+    """Receive part ``steps[s]``'s half into ``into[s]`` chunk by chunk in step s, add this
+    rank's values and hand each chunk to the sender (the last step's sum, this rank's own
+    part, stays where it is)."""
+
     def receive():
         try:
-            for s, k in enumerate(steps):
-                last = s == len(steps) - 1
-                got = result[lo[k] : hi[k]] if last else np.empty(hi[k] - lo[k], result.dtype)
+            for s, (k, got) in enumerate(zip(steps, into)):
                 step = way.chunk // got.itemsize
                 for c in range(0, got.size, step):
                     chunk = got[c : c + step]
                     _recv_into(way.receive, _bytes(chunk), way.source)
                     _add_into(chunk, parts[k].range(lo[k] + c, lo[k] + c + chunk.size), dtype)
-                    if not last:
+                    if s < len(steps) - 1:
                         forward.put(_bytes(chunk))
         finally:
             forward.put(None)
