@@ -5,11 +5,7 @@
 # `source .gpu-b/setup.sh && bash benchmarks/comm_gpu_host.sh [ARGS]`.
 RUN_TIMEOUT=200
 source "$(dirname "$0")/host_preamble.sh"
-if [ -z "${MLX_MPI_LIBNAME:-}" ]; then
-  MLX_MPI_LIBNAME=$(ls /usr/lib/x86_64-linux-gnu/libmpi.so.40 /usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so.40 2>/dev/null | head -1)
-  export MLX_MPI_LIBNAME
-fi
-echo "MLX_MPI_LIBNAME=$MLX_MPI_LIBNAME"; mpirun --version 2>&1 | head -1
+echo "MLX_MPI_LIBNAME=${MLX_MPI_LIBNAME:-unset}"; mpirun --version 2>&1 | head -1
 for n in 2 4; do
   run -n $n --backend ring benchmarks/bench_comm.py --cpu --reps 15 "$@"
   run -n $n --backend mpi benchmarks/bench_comm.py --cpu --reps 15 "$@"

@@ -12,6 +12,5 @@ bash "$here/tcp_ways_gpu_host.sh" 2>&1 | tee "$OUT/tcp_ways.txt"
 bash "$here/comm_gpu_host.sh" --mlx-cache-gb 8 2>&1 | tee "$OUT/comm_cache8.txt"
 RUN_TIMEOUT=120
 source "$here/host_preamble.sh"
-export MLX_MPI_LIBNAME=${MLX_MPI_LIBNAME:-/usr/lib/x86_64-linux-gnu/libmpi.so.40}
 for b in mpi ring; do run -n 4 --backend $b benchmarks/scratch_probe.py --cpu; done 2>&1 | tee "$OUT/scratch_probe.txt"
 date -u

@@ -1,7 +1,7 @@
 """The ring reduce-scatter's kept scratch buffers against fresh ones, in one launch.
 
 With 4 or more ranks the ring's middle steps receive running sums into scratch memory.
-distopt keeps two such buffers between calls (``ByteRing._scratch``); this probe times
+distopt keeps those buffers between calls (``ByteRing._scratch``); this probe times
 the reduce-scatter + all-gather of a buffer with them and with a fresh ``np.empty`` per
 step (what distopt did before), the two variants taking turns rep by rep, and prints the
 medians and the paired ratio kept / fresh [90% interval]:
@@ -23,7 +23,7 @@ from distopt.comm import make_communicator
 from distopt.layout import FlatLayout
 
 
-def fresh_scratch(ring, which, n, dtype):
+def fresh_scratch(ring, key, n, dtype):
     return np.empty(n, dtype)
 
 
