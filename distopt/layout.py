@@ -13,6 +13,7 @@ step to about one bucket and lets one bucket's communication overlap the next.
 """
 
 import bisect
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -113,6 +114,57 @@ class Leaves(dict):
     def of(cls, tree):
         """``tree``'s leaves (``tree`` itself if it already is :class:`Leaves`)."""
         return tree if isinstance(tree, cls) else cls(tree_flatten(tree))
+
+
+def leaf_setter(model, paths):
+    """A function ``place(path, array)`` that puts ``array`` in ``model`` (an ``nn.Module`` or
+    a tree of dicts and lists) at ``path`` (a ``tree_flatten`` key), for each of ``paths``.
+
+    ``Module.update`` takes a whole tree, and a partial one built by ``tree_unflatten``
+    pads lists with empty dicts, which it would write over a list of arrays; so the
+    parent of every path is looked up here, once. Raises a ValueError naming the first
+    path that is not an array of ``model``.
+    """
+    slots = {}
+    for path in paths:
+        node, *keys, last = [model, *path.split(".")]
+        try:
+            for key in keys:
+                node = node[int(key)] if isinstance(node, (list, tuple)) else node[key]
+            key = int(last) if isinstance(node, list) else last
+            found = isinstance(node, (dict, list)) and isinstance(node[key], mx.array)
+        except (KeyError, IndexError, ValueError, TypeError):
+            found = False
+        if not found:
+            raise ValueError(f"The model has no parameter '{path}' to update: the gradients hold it and the model does not.")
+        slots[path] = (node, key)
+
+    def place(path, array):
+        node, key = slots[path]
+        node[key] = array
+
+    return place
+
+
+def new_leaves_held(sizes, buckets, into):
+    """Elements of new parameters that :meth:`ShardedOptimizer.update` holds at once
+    beside the old ones, for a flat buffer of leaves of ``sizes`` (in order) cut into
+    ``buckets``: the model takes each bucket's new leaves, freeing the old ones, once the
+    bucket is gathered. Gathered into the new leaves (``into``), a bucket's gather holds
+    every leaf it overlaps, allocated whole; cut out of gathered buckets, the leaves that
+    end in it (a one-bucket buffer's are views of its gathered bucket: none).
+    ``apply_gradients`` holds all of them until it returns."""
+    if not into and len(buckets) < 2:
+        return 0
+    ends = list(itertools.accumulate(sizes))
+    starts = [end - size for end, size in zip(ends, sizes)]
+    held = 0
+    for b in buckets:
+        if into:
+            held = max(held, sum(n for s, e, n in zip(starts, ends, sizes) if s < b.stop and e > b.start))
+        else:
+            held = max(held, sum(n for e, n in zip(ends, sizes) if b.start < e <= b.stop))
+    return held
 
 
 def spans(starts, sizes, lo, hi):

@@ -40,7 +40,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from .comm import gathers_into_leaves_by_default
-from .layout import DEFAULT_BUCKET_BYTES, cut_buckets, dtype_name
+from .layout import DEFAULT_BUCKET_BYTES, cut_buckets, dtype_name, new_leaves_held
 from .precision import Precision
 from .sharded import ELEMENTWISE, ShardedOptimizer, in_flight
 
@@ -115,12 +115,12 @@ def plan(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
     memory = _memory_per_rank(memory_gb, world_size)
     weights = _shard_weights(shard_weights, memory, world_size)
-    sizes = _buffer_sizes(model_or_param_count, dtype)
+    sizes, leaves = _buffer_sizes(model_or_param_count, dtype), _leaf_sizes(model_or_param_count, dtype)
     slots = _state_arrays(optimizer)
     options = Precision(master_weights, reduce_dtype, max_norm, skip_nonfinite, loss_scale)
     stages = {"unsharded": _stage(sizes, [1], None, slots, options, bucket_bytes, False)}
     for stage in (1, 2):
-        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, gathers_into_leaves_by_default(backend))
+        stages[stage] = _stage(sizes, weights, stage, slots, options, bucket_bytes, gathers_into_leaves_by_default(backend), leaves)
     budget = [usable_fraction * m * GiB for m in memory] if memory else None
     for figures in stages.values():
         totals = [r["total_bytes"] for r in figures["ranks"]]
@@ -141,16 +141,18 @@ def plan(
     }
 
 
-def _stage(sizes, weights, stage, slots, options, bucket_bytes, into):
+def _stage(sizes, weights, stage, slots, options, bucket_bytes, into, leaves=None):
     """Every rank's figures, and the largest rank's at the top level."""
-    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes, into)
+    ranks = _bytes(sizes, weights, stage, slots, options, bucket_bytes, into, leaves)
     largest = max(ranks, key=lambda r: r["total_bytes"])
     return {**largest, "ranks": ranks}
 
 
-def _bytes(sizes, weights, stage, slots, options, bucket_bytes, into):
+def _bytes(sizes, weights, stage, slots, options, bucket_bytes, into, leaves=None):
     """The :meth:`ShardedOptimizer.memory_report` figures of every rank, from the formula;
-    ``into``: the all-gather lands in the new parameters (no gathered bucket)."""
+    ``into``: the all-gather lands in the new parameters (no gathered bucket); ``leaves``:
+    ``{dtype: [leaf sizes, in order]}`` of a real model, if known; ``stage`` None: one
+    rank, no sharding."""
     n = len(weights)
     out = [{key: 0 for key, _ in KINDS[:-1]} for _ in range(n)]
     reduce_buckets, per_bucket = [], [[] for _ in range(n)]
@@ -171,8 +173,14 @@ def _bytes(sizes, weights, stage, slots, options, bucket_bytes, into):
             # New state and parameter parts, the part in the model's dtype, the gathered bucket.
             gathered = 0 if into else dtype.size
             per_bucket[r] += [(slots + 1) * c * work + c * dtype.size + b * gathered for c, b in zip(parts, buckets)]
-            # New parameters: fresh arrays gathered into, or cut out of several buckets (one bucket's are views of it).
-            figures["update_buffer_bytes"] += size * dtype.size if into or len(buckets) > 1 else 0
+            # New parameters held beside the old ones: unsharded, all of them (cut out of several buckets;
+            # one bucket's are views of it); sharded, those of the bucket being gathered (update() hands
+            # each bucket's to the model). Without the leaves (a count), leaves as large as the buckets.
+            if stage is None:
+                figures["update_buffer_bytes"] += size * dtype.size if into or len(buckets) > 1 else 0
+            else:
+                sizes_of = leaves.get(dtype) if leaves else [min(b.stop, size) - b.start for b in cut]
+                figures["update_buffer_bytes"] += new_leaves_held(sizes_of, cut, into) * dtype.size
     for figures, transient in zip(out, per_bucket):
         figures["optimizer_state_bytes"] += _scalar_bytes(options)
         figures["reduce_buffer_bytes"] = in_flight(reduce_buckets, stage)
@@ -204,6 +212,19 @@ def _buffer_sizes(source, dtype):
     if not sizes:
         raise ValueError("The model has no trainable parameters: there is nothing to plan.")
     return sizes
+
+
+def _leaf_sizes(source, dtype):
+    """``{dtype: [leaf sizes, in tree order]}`` of a model or parameter tree; None for a count."""
+    if isinstance(source, (int, float)) or (isinstance(source, dict) and source and all(isinstance(k, mx.Dtype) for k in source)):
+        return None
+    cast = _dtype(dtype) if dtype is not None else None
+    tree = source.trainable_parameters() if isinstance(source, nn.Module) else source
+    leaves = {}
+    for _, leaf in tree_flatten(tree):
+        if isinstance(leaf, mx.array):
+            leaves.setdefault(cast or leaf.dtype, []).append(leaf.size)
+    return leaves
 
 
 SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}

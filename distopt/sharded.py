@@ -33,7 +33,7 @@ from .buffers import mlx_cache_limit
 from .comm import Communicator, make_communicator
 from .evaluation import traced
 from .group import DistoptError, all_gather_object, init
-from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, join
+from .layout import DEFAULT_BUCKET_BYTES, FlatLayout, Leaves, join, leaf_setter, new_leaves_held
 
 # Optimizers whose update of an element depends on that element alone, so the
 # update of a flat shard equals the update of every parameter in it.
@@ -236,9 +236,12 @@ class ShardedOptimizer(optim.Optimizer):
     def step_buffer_bytes(self):
         """Bytes of the buffers one step allocates and frees (the MLX cache limit that
         ``cache_step_buffers`` sets): the flat gradient buckets in flight, the reduced
-        gradient shard and what the update allocates (:meth:`memory_report`)."""
+        gradient shard and what the update allocates (:meth:`memory_report`), with all
+        the new parameters (the step allocates every one, if not all at once)."""
+        if not self.sharded or self.layout is None:
+            return 0
         report = self.memory_report()
-        return sum(report.get(key, 0) for key in ("reduce_buffer_bytes", "gradient_shard_bytes", "update_buffer_bytes"))
+        return report["reduce_buffer_bytes"] + report["gradient_shard_bytes"] + self._update_buffer_bytes(all_new=True)
 
     def _fresh_state(self, buf):
         """The inner optimizer's initial state for this rank's part of every bucket of ``buf``:
@@ -261,9 +264,31 @@ class ShardedOptimizer(optim.Optimizer):
         """Average ``gradients`` over ranks, update this rank's shard, return full parameters."""
         if not self.sharded:
             return self.inner.apply_gradients(gradients, parameters)
+        updated = [item for ready in self._step(gradients, parameters) for item in ready]
+        return self.layout.tree(updated)
+
+    def update(self, model, gradients):
+        """Apply ``gradients`` to ``model``: ``model.update(opt.apply_gradients(gradients,
+        model))``, as in ``mlx.optimizers``, but bucket by bucket. Each bucket's new
+        parameters replace the old ones in the model as soon as they are gathered, so
+        the old ones are freed then (unless something else holds them), not when the
+        whole step is done: beyond the model the step holds the new parameters of one
+        bucket, not of all of them. If a step fails part way (a rank lost), the model
+        holds the new parameters of the buckets gathered so far, as the optimizer state
+        holds their new state."""
+        if not self.sharded:
+            return super().update(model, gradients)
+        place = leaf_setter(model, Leaves.of(gradients))  # a missing parameter raises here, before any collective
+        for ready in self._step(gradients, model):
+            for path, array in ready:
+                place(path, array)
+
+    def _step(self, gradients, parameters):
+        """The ZeRO step; yields the ``(path, array)`` pairs of the new parameters as each
+        bucket's are gathered."""
         if not self._initialized:
             self._init_lazily(gradients, parameters)
-        gradients, parameters = Leaves.of(gradients), Leaves.of(parameters)  # flattened once for all buckets
+        gradients, parameters = Leaves.of(gradients), Leaves(Leaves.of(parameters))  # flattened once; ours to drop from
         self.layout.check_tree(gradients)
         watchdog.step_started()
         self.comm.traffic.start_step()
@@ -274,17 +299,17 @@ class ShardedOptimizer(optim.Optimizer):
         grads, coefficient, ok = self.precision.prepare(grads, self._state, self.group)
         self._advance_step(ok)
         hyper = {k: self._state[k] for k in HYPER_KEYS if k in self._state}
-        updated = []
         for name in self.layout.buffers:
-            # 3. Update each bucket's part (fp32 master if any), in the model's dtype.
+            # 3. Update each bucket's part (fp32 master if any), in the model's dtype; its gradient part is then dropped.
             divisor = divisors[name]
-            parts = (self._update_part(name, b, hyper, g, parameters, coefficient, ok, divisor) for b, g in enumerate(grads[name]))
-            # 4. Gather the buckets into the new parameters as they arrive.
+            parts = (self._update_part(name, b, hyper, taken(grads[name], b), parameters, coefficient, ok, divisor) for b in range(len(grads[name])))
+            # 4. Gather the buckets into the new parameters as they arrive; the old ones are no longer read.
             for ready in self._gather_parameters(name, parts):
                 self._settle([array for _, array in ready])
-                updated += ready
+                for path, _ in ready:
+                    parameters.pop(path, None)
+                yield ready
         self._in_flight.clear()  # still running; the step's outputs hold what they need
-        return self.layout.tree(updated)
 
     def _gather_parameters(self, name, parts):
         """For each bucket of buffer ``name``, gather every rank's updated ``parts`` and yield
@@ -298,6 +323,7 @@ class ShardedOptimizer(optim.Optimizer):
         if self.comm.gathers_into(first):
             leaves = self.layout.new_leaves(name)
             for bucket, part in zip(buckets, parts):
+                mx.eval(part)  # first: its gradient part is freed before the bucket's new leaves are allocated
                 self.comm.all_gather_into(part, bucket, leaves.views(bucket))
                 yield leaves.finished(bucket)
         else:
@@ -410,6 +436,7 @@ class ShardedOptimizer(optim.Optimizer):
             for name, b in order:
                 parts[name][b] = self._reduced_part(gradients, name, buffers[name].buckets[b], divisors[name])
                 self._settle(parts[name][b])  # frees the flat bucket before the next ones pile up
+        self._in_flight.clear()  # each update waits for its part; held here, a part would outlive its update
         return parts, divisors
 
     def _schedule_gradients(self, gradients, order):
@@ -573,10 +600,12 @@ class ShardedOptimizer(optim.Optimizer):
         ``gradient_shard_bytes``: the mean gradient shard. ``reduce_buffer_bytes``:
         the flat gradient buckets being reduced: the ``IN_FLIGHT`` (3) largest at
         stage 1, the largest one at stage 2. ``update_buffer_bytes``: what the update allocates
-        while the old arrays are still alive (the new parameters and, per bucket in
-        flight, the new state and parameter parts, the part in the model's dtype and
-        the gathered bucket, which the ``tcp`` and ``mpi4py-ring`` paths do not allocate:
-        they gather into the new parameters). ``total_bytes``:
+        while the old arrays are still alive (the new parameters of the buckets being
+        gathered, :func:`~distopt.layout.new_leaves_held`, and per bucket in flight, the
+        new state and parameter parts, the part in the model's dtype and the gathered
+        bucket, which the ``tcp`` and ``mpi4py-ring`` paths do not allocate: they gather
+        into the new parameters). This is the step of :meth:`update`; ``apply_gradients``
+        holds all the new parameters until it returns. ``total_bytes``:
         their sum, the expected peak of a step without activations.
         """
         scalars = sum(v.nbytes for k, v in self._state.items() if isinstance(v, mx.array))
@@ -602,13 +631,14 @@ class ShardedOptimizer(optim.Optimizer):
         report.update(optimizer_state_bytes_unsharded=scalars + unsharded, world_size=self.group.size(), stage=self.stage)
         return report
 
-    def _update_buffer_bytes(self):
+    def _update_buffer_bytes(self, all_new=False):
         """What the update allocates while the old arrays live: per bucket, the new state
         and parameter parts, the part in the model's dtype and the gathered bucket (for
-        the ``IN_FLIGHT`` largest buckets at stage 1, the largest at stage 2); plus the new parameters cut
-        out of a buffer of several buckets (those of a one-bucket buffer are views of it).
-        Where the communicator gathers into the new parameters (``tcp``, ``mpi4py-ring``)
-        there is no gathered bucket, and every buffer's new parameters are fresh arrays."""
+        the ``IN_FLIGHT`` largest buckets at stage 1, the largest at stage 2); plus the new
+        parameters held beside the old ones (:func:`~distopt.layout.new_leaves_held`;
+        ``all_new``: all of them, as ``apply_gradients`` holds them and as one step
+        allocates them). Where the communicator gathers into the new parameters (``tcp``,
+        ``mpi4py-ring``) there is no gathered bucket, and every leaf is a fresh array."""
         rank, per_bucket, new_parameters = self.group.rank(), [], 0
         into = self.comm.gathers_into_leaves
         for name, buf in self.layout.buffers.items():
@@ -618,8 +648,18 @@ class ShardedOptimizer(optim.Optimizer):
                 new_state = sum(parts[b].nbytes for key, parts in keys.items() if key != "master")
                 gathered = 0 if into else (bucket.stop - bucket.start) * buf.dtype.size
                 per_bucket.append(new_state + c * work + c * buf.dtype.size + gathered)
-            new_parameters += buf.size * buf.dtype.size if into or len(buf.buckets) > 1 else 0
+            if all_new:
+                new_parameters += buf.size * buf.dtype.size if into or len(buf.buckets) > 1 else 0
+            else:
+                new_parameters += new_leaves_held([e.size for e in buf.entries], buf.buckets, into) * buf.dtype.size
         return new_parameters + in_flight(per_bucket, self.stage)
+
+
+def taken(items, i):
+    """``items[i]``, its place in ``items`` set to None: the list no longer holds it, so it
+    is freed once its consumer is done with it (no local name holds it either)."""
+    item, items[i] = items[i], None
+    return item
 
 
 def mean(total, n, work):

@@ -58,3 +58,18 @@ def test_tables_show_the_paired_interval():
     text = format_table(result)
     assert "1.00 [0.80-1.20]" in text and "0.50 [0.50-0.50]" in text and "paired, 90%" in text
     assert "| 1.00 | 1.00 [0.80-1.20] | 1.00 | 0.50 | 0.50 [0.50-0.50] |" in format_markdown(result)
+
+
+def test_methods_interleave_where_every_model_fits_in_memory(monkeypatch):
+    """The parent times the MLX methods rep by rep in turn where all of them fit in half the
+    host's available memory at once (MLX DP 3 model copies, distopt 1 + 2/N, plus 3 for the
+    one stepping, per rank), else one after another; on a GPU up to 20M parameters."""
+    import distopt.bench as bench
+
+    monkeypatch.setattr(bench, "host_memory_available", lambda: 16 * 2**30)
+    both = ["mlx_dp", "distopt_s1"]
+    # 2 ranks, 100M: 2 x (3 + 2 + 3) x 400 MB = 6.4 GB <= 8 GiB; 4 ranks: 4 x 7.5 x 400 MB = 12 GB > 8 GiB
+    assert bench.interleaves(both, 100_000_000, 2, "cpu")
+    assert not bench.interleaves(both, 100_000_000, 4, "cpu")
+    assert not bench.interleaves(["distopt_s1"], 1000, 2, "cpu")  # nothing to interleave with
+    assert bench.interleaves(both, 20_000_000, 2, "gpu") and not bench.interleaves(both, 20_000_001, 2, "gpu")

@@ -108,3 +108,27 @@ def test_step_buffers_are_reused_from_mlx_cache_not_fresh_memory():
         assert cached["faults"] < 0.05 * need / page, lines[0]
         assert user["faults"] < 0.05 * need / page, lines[0]
         assert plain["faults"] > 0.5 * new_parameters / page, lines[0]
+
+
+def test_update_hands_each_buckets_new_parameters_to_the_model():
+    """``opt.update(model, grads)`` puts each bucket's new parameters into the model as it is
+    gathered, so the old ones are freed during the step: MLX's peak beyond the model,
+    gradients and state stays below the size of the new parameters alone, while
+    ``apply_gradients`` (all new parameters until it returns) goes above it. Same bits
+    both ways; a model whose parameters are a plain list of arrays is updated in place of
+    each array; gradients the model lacks are refused by name before the step."""
+    code, out, err = run_ranks(2, "update_frees_old.py", backend="ring", timeout=120)
+    assert code == 0, f"launcher exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    for rank in range(2):
+        frees = [json.loads(line[6:]) for line in rank_lines(out, rank) if line.startswith("FREES ")]
+        lists = [json.loads(line[6:]) for line in rank_lines(out, rank) if line.startswith("LISTS ")]
+        assert len(frees) == len(lists) == 1, out[-3000:]
+        f, lst = frees[0], lists[0]
+        report = f["report"]
+        assert f["same"] and f["buckets"] == 17, f
+        assert f["apply"] >= f["parameter_bytes"], f
+        assert f["update"] < f["parameter_bytes"], f
+        planned = report["gradient_shard_bytes"] + report["reduce_buffer_bytes"] + report["update_buffer_bytes"]
+        assert f["update"] <= planned, f
+        assert lst["update"] == lst["apply"] and lst["types"] == ["array"] * 3, lst
+        assert lst["error"] == "The model has no parameter 'v' to update: the gradients hold it and the model does not.", lst

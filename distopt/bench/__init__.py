@@ -47,7 +47,7 @@ from .ranks import worker_main
 from .report import analytic_model, format_markdown, format_table, merge_ranks, plot, ratios
 from .throughput import update_throughput
 
-__all__ = ["main", "run_bench", "parser", "format_table", "format_markdown", "plot", "update_throughput"]
+__all__ = ["main", "run_bench", "parser", "interleaves", "format_table", "format_markdown", "plot", "update_throughput"]
 
 
 DEFAULT_SHAPES = {  # per device: MLP rows, transformer sequences and their length, per rank
@@ -79,8 +79,9 @@ def run_bench(opts, log=print, partial=None):
         runs += [("torch", ["torch_zero"], "torch")] if torch_ok and n > 1 else []
         for role, names, backend in runs:
             log(f"[bench] N={n}: {', '.join(names)} on {backend}, {len(big)} models")
+            paired = [list(job) for job in big if interleaves(names, job[1], n, opts.device)]
             try:
-                rows += merge_ranks(launch(n, role, {**base, "jobs": big, "methods": names}, backend, opts.timeout))
+                rows += merge_ranks(launch(n, role, {**base, "jobs": big, "methods": names, "interleave": paired}, backend, opts.timeout))
             except RuntimeError as e:  # report it and go on with the other methods
                 log(f"[bench] N={n}: {', '.join(names)} FAILED: {e}")
                 errors.append(f"N={n} {', '.join(names)}: {e}")
@@ -92,6 +93,37 @@ def run_bench(opts, log=print, partial=None):
         result["throughput"] = update_throughput(opts.throughput, device=opts.device)
         result["model"] = analytic_model(rows, result["throughput"])
     return result
+
+
+GPU_INTERLEAVE_MAX_PARAMS = 20_000_000  # on a GPU, larger models run one method after another
+
+
+def interleaves(methods, params, n, device):
+    """Whether the MLX ``methods`` on a model of ``params`` float32 parameters can be timed
+    rep by rep in turn (every method's model alive at once) by ``n`` ranks on this host.
+
+    On the CPU: when their estimated bytes fit in half the memory the host has available.
+    Each method holds its parameters and state (MLX DP: 3 copies of the model; distopt:
+    1 + 2/N), and the one stepping adds its gradients, new parameters and buffers (3 more).
+    On a GPU (its memory unknown here), up to :data:`GPU_INTERLEAVE_MAX_PARAMS`.
+    """
+    if len(methods) < 2:
+        return False
+    if device == "gpu":
+        return params <= GPU_INTERLEAVE_MAX_PARAMS
+    copies = sum(3 if m == "mlx_dp" else 1 + 2 / n for m in methods) + 3
+    return n * copies * 4 * params <= 0.5 * host_memory_available()
+
+
+def host_memory_available():
+    """Bytes of memory this host has available (Linux ``MemAvailable``; else all of it)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _has_torch():

@@ -30,22 +30,20 @@ def mlx_optimizer(method, group, lr=1e-4):
     return distopt.Adamax(lr, group=group, stage=int(method[-1]))
 
 
-INTERLEAVE_MAX_PARAMS = 20_000_000  # larger models: one method after another (every model alive at once would not fit)
-
-
 def run_mlx_methods(methods, kind, params, cfg, group):
     """This rank's figures for every method in ``methods`` on one model.
 
-    Up to :data:`INTERLEAVE_MAX_PARAMS` the methods are timed rep by rep in turn (the
-    first method rotating), so a drift of the machine's load falls on all of them alike;
-    peak memory then comes from a pass of its own, one method after another (warmup, then
-    peaks over one step). Larger models run one method after another, timed and measured
-    in the same pass.
+    Where the parent chose to interleave this model (``cfg["interleave"]``: every
+    method's model fits in memory at once, :func:`distopt.bench.interleaves`), the methods
+    are timed rep by rep in turn (the first method rotating), so a drift of the machine's
+    load falls on all of them alike; peak memory then comes from a pass of its own, one
+    method after another (warmup, then peaks over one step). Otherwise they run one
+    method after another, timed and measured in the same pass.
     """
     def one_after_another(repeats):  # each run freed before the next is built
         return [MlxRun(method, kind, params, cfg, group).timed(cfg["warmup"], repeats) for method in methods]
 
-    if len(methods) == 1 or params > INTERLEAVE_MAX_PARAMS:
+    if len(methods) == 1 or [kind, params] not in cfg.get("interleave", []):
         return one_after_another(cfg["repeats"])
     peaks = {row["method"]: row for row in one_after_another(1)}
     runs = [MlxRun(m, kind, params, cfg, group, fresh=i == 0) for i, m in enumerate(methods)]

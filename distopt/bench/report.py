@@ -1,7 +1,6 @@
 """Results across ranks and methods: ratios, the link model, text and Markdown tables, a chart."""
 
 from .models import METHODS
-from .ranks import INTERLEAVE_MAX_PARAMS
 from .stats import paired_ratio
 from .throughput import BYTES_PER_ELEMENT_ADAMAX
 
@@ -123,7 +122,7 @@ def format_table(result):
     lines.append("torch: opt = median full step - median no_sync step (DDP overlaps its all-reduce with backward); spread = max - min over repeats;")
     lines.append("sent per rank per step: counted by distopt, * = algorithm formula (ring all-reduce 2(N-1)/N; torch adds (N-1)/N broadcast)")
     if any(r.get("timing") == "interleaved" for r in result["rows"]):
-        lines.append(f"MLX methods up to {INTERLEAVE_MAX_PARAMS / 1e6:g}M params timed rep by rep in turn (peak RSS from a pass of its own, one method after another); larger ones one after another")
+        lines.append("MLX methods timed rep by rep in turn where every method's model fits in memory at once (peak memory from a pass of its own, one method after another); others one after another")
     for e in result.get("errors", []):
         lines.append(f"FAILED: {e}")
     if result["ratios"]:
