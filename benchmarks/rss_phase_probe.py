@@ -54,12 +54,15 @@ def main():
     p.add_argument("--params", default="100M")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--distopt-report", action="store_true")
+    p.add_argument("--no-cache-step-buffers", action="store_true", help="distopt with cache_step_buffers=False (MLX's cache limit left alone)")
     p.add_argument("--lazy-loss", action="store_true", help="evaluate the loss after the update, as mlx-lm's trainer does (default: with the gradients, as distopt bench does)")
     args = p.parse_args()
     group = distopt.init()
     mx.set_default_device(mx.cpu)
     cfg = {"rank": group.rank(), "batch": 16, "lm_batch": 2, "seq": 64, "cache_limit": mlx_cache_limit()}
     run = ranks.MlxRun(args.method, args.model, parse_size(args.params), cfg, group)
+    if args.no_cache_step_buffers and args.method != "mlx_dp":
+        run.opt.cache_step_buffers = False  # read on the first step, which initializes the optimizer
     state = {}
 
     def fb():
