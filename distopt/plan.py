@@ -11,7 +11,7 @@ rank, an optimizer with :math:`k` state arrays per parameter holds on every rank
     + \\underbrace{k\\, w \\hat P / N}_{\\text{state}}
     + \\underbrace{w \\hat P / N}_{\\text{mean gradient shard}}
     + \\underbrace{R}_{\\text{reduce buffers}}
-    + \\underbrace{P s + \\textstyle\\sum_{b \\in F}
+    + \\underbrace{L s + \\textstyle\\sum_{b \\in F}
       \\big((k + 1)\\, w\\, c_b + s\\, c_b + g\\, s\\, B_b\\big)}_{\\text{update buffers}}
 
 where :math:`w` is 4 with master weights on a half-precision model and :math:`s`
@@ -21,11 +21,15 @@ The reduce buffers :math:`R` are the flat gradient buckets of :math:`F`. The upd
 buffers are what the update allocates before the old arrays go: per bucket :math:`b` of
 :math:`B_b` elements, of which this rank owns :math:`c_b`, the new state and parameter
 (or master) parts, the part in the model's dtype and the gathered bucket (:math:`g = 1`
-on NCCL/JACCL); plus the new parameters (:math:`P s`), cut out of the gathered buckets
-(a one-bucket buffer's are views of it, so its :math:`P s` is dropped). On the ring and
-MPI backends the default paths (``tcp``, ``mpi4py-ring``) gather straight into the new
-parameters: no gathered bucket (:math:`g = 0`), and every buffer's :math:`P s` is
-counted. The sum is the peak of a step, less
+on NCCL/JACCL); plus the new parameters held beside the old ones (:math:`L s`):
+:meth:`ShardedOptimizer.update` hands each bucket's to the model once it is gathered,
+so :math:`L` is the largest bucket's share (:func:`~distopt.layout.new_leaves_held`: the
+leaves a bucket's gather overlaps, or, cut out of gathered buckets, those that end in
+it; a one-bucket buffer's are views of it, none). Without the leaves (a parameter count)
+they are taken to be as large as the buckets. On the ring and MPI backends the default
+paths (``tcp``, ``mpi4py-ring``) gather straight into the new parameters: no gathered
+bucket (:math:`g = 0`). With no sharding every new parameter is held (:math:`L = P`, as
+``apply_gradients`` holds them). The sum is the peak of a step, less
 activations. With shard weights, rank r's part of every bucket sets :math:`c_b`. These
 are exactly the figures of :meth:`ShardedOptimizer.memory_report`.
 """

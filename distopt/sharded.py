@@ -12,8 +12,8 @@ ends the step with the same full parameters, as plain data parallelism would giv
 
 where :math:`x^{(r)}` is rank r's shard of the flat buffer of x. The step runs bucket
 by bucket: each bucket's gradient is reduced, its part updated and gathered on its own,
-and the new parameters are cut out of the gathered buckets, so beyond the new
-parameters a step holds only the buckets in flight, never a whole-model copy. The
+and :meth:`ShardedOptimizer.update` hands each bucket's new parameters to the model as
+they arrive, so a step holds only the buckets in flight, never a whole-model copy. The
 precision options (fp32 master shards, clipping, non-finite skip, loss scaling) live in
 :mod:`distopt.precision`; with them off the step is exactly the one above.
 """
