@@ -156,15 +156,9 @@ def new_leaves_held(sizes, buckets, into):
     ``apply_gradients`` holds all of them until it returns."""
     if not into and len(buckets) < 2:
         return 0
-    ends = list(itertools.accumulate(sizes))
-    starts = [end - size for end, size in zip(ends, sizes)]
-    held = 0
-    for b in buckets:
-        if into:
-            held = max(held, sum(n for s, e, n in zip(starts, ends, sizes) if s < b.stop and e > b.start))
-        else:
-            held = max(held, sum(n for e, n in zip(ends, sizes) if b.start < e <= b.stop))
-    return held
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    ends_in = lambda i, b: starts[i] + sizes[i] <= b.stop  # noqa: E731
+    return max(sum(sizes[i] for i, _, _ in spans(starts, sizes, b.start, b.stop) if into or ends_in(i, b)) for b in buckets)
 
 
 def spans(starts, sizes, lo, hi):

@@ -201,18 +201,13 @@ def _scalar_bytes(options):
 def _buffer_sizes(source, dtype):
     """``{dtype: number of parameters}`` of a model, a parameter tree or a count."""
     cast = _dtype(dtype) if dtype is not None else None
-    if isinstance(source, dict) and source and all(isinstance(k, mx.Dtype) for k in source):
-        return {cast: sum(source.values())} if cast else dict(source)  # {dtype: count}, e.g. safetensors_sizes
-    if isinstance(source, (int, float)):
+    if _is_count(source):
+        if isinstance(source, dict):
+            return {cast: sum(source.values())} if cast else dict(source)  # {dtype: count}, e.g. safetensors_sizes
         if source < 1 or source != int(source):
             raise ValueError(f"The parameter count must be a positive whole number, got {source!r}.")
         return {cast or mx.bfloat16: int(source)}
-    tree = source.trainable_parameters() if isinstance(source, nn.Module) else source
-    sizes = {}
-    for _, leaf in tree_flatten(tree):
-        if isinstance(leaf, mx.array):
-            key = cast or leaf.dtype
-            sizes[key] = sizes.get(key, 0) + leaf.size
+    sizes = {key: sum(leaves) for key, leaves in _leaf_sizes(source, dtype).items()}
     if not sizes:
         raise ValueError("The model has no trainable parameters: there is nothing to plan.")
     return sizes
@@ -220,7 +215,7 @@ def _buffer_sizes(source, dtype):
 
 def _leaf_sizes(source, dtype):
     """``{dtype: [leaf sizes, in tree order]}`` of a model or parameter tree; None for a count."""
-    if isinstance(source, (int, float)) or (isinstance(source, dict) and source and all(isinstance(k, mx.Dtype) for k in source)):
+    if _is_count(source):
         return None
     cast = _dtype(dtype) if dtype is not None else None
     tree = source.trainable_parameters() if isinstance(source, nn.Module) else source
@@ -229,6 +224,11 @@ def _leaf_sizes(source, dtype):
         if isinstance(leaf, mx.array):
             leaves.setdefault(cast or leaf.dtype, []).append(leaf.size)
     return leaves
+
+
+def _is_count(source):
+    """A parameter count: a number, or ``{dtype: count}``."""
+    return isinstance(source, (int, float)) or (isinstance(source, dict) and bool(source) and all(isinstance(k, mx.Dtype) for k in source))
 
 
 SAFETENSORS_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16}

@@ -651,7 +651,7 @@ class ShardedOptimizer(optim.Optimizer):
             if all_new:
                 new_parameters += buf.size * buf.dtype.size if into or len(buf.buckets) > 1 else 0
             else:
-                new_parameters += new_leaves_held([e.size for e in buf.entries], buf.buckets, into) * buf.dtype.size
+                new_parameters += new_leaves_held(buf.sizes, buf.buckets, into) * buf.dtype.size
         return new_parameters + in_flight(per_bucket, self.stage)
 
 
